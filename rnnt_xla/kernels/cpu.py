@@ -1,0 +1,240 @@
+"""RNNT loss on the CPU: Numba kernels over raw numpy arrays (no framework imports).
+
+The loss is computed in four passes, none of which materialises a ``B*T*(U+1)*V`` temporary:
+
+1. :func:`log_normalizers` (parallel over frames): the log-softmax normaliser of every used
+   ``(b, t, u)`` row of the logits, and the two log-probabilities the lattice needs, blank and next label.
+2. :func:`alphas_and_costs` (parallel over the batch): forward variables and costs.
+3. :func:`betas` (parallel over the batch): backward variables, only when a gradient is wanted.
+4. :func:`gradients` (parallel over frames): the gradient w.r.t. the logits (or log-probabilities), already
+   clamped and scaled by the caller's per-utterance factor (reduction times incoming gradient), written once.
+
+Array arguments (``B`` batch, ``T`` max frames, ``U1 = U + 1`` label positions, ``V`` vocabulary):
+
+- ``logits: (B, T, U1, V)`` float32/float64, C-contiguous;
+- ``targets: (B, W)`` int64; ``logit_lengths``, ``target_lengths: (B,)`` int64 (already validated);
+- residuals of the forward pass, see :class:`Residuals`.
+
+Padded frames (``t >= T_b``) and label positions (``u > U_b``) receive exactly zero gradient.
+The pass entry points :func:`forward` and :func:`backward` hold no math; they call the kernels in order.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit, prange
+
+from .fast_math import cast_like, fast_exp
+
+__all__ = [
+    "Residuals",
+    "allocate_residuals",
+    "forward",
+    "backward",
+    "log_normalizers",
+    "alphas_and_costs",
+    "betas",
+    "gradients",
+]
+
+# Reassociation lets LLVM vectorise the sum over the vocabulary; no 'nnan'/'ninf', so infinities
+# (masked vocabulary entries) and NaNs keep IEEE semantics.
+_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+_JIT = dict(cache=True, fastmath=_FASTMATH, error_model="numpy")
+
+
+class Residuals(NamedTuple):
+    """What the forward pass leaves for the backward pass, ``O(B*T*U)`` memory in all.
+
+    - ``log_norm: (B, T, U1)`` logits dtype: log-sum-exp of each row (0 without fused log-softmax);
+    - ``log_blank: (B, T, U1)`` float64: log-probability of the blank at ``(b, t, u)``;
+    - ``log_emit: (B, T, U1)`` float64: log-probability of label ``targets[b, u]`` at ``(b, t, u)``;
+    - ``alphas: (B, T, U1)`` float64: forward variables;
+    - ``log_likelihood: (B,)`` float64: ``log P(y_b | x_b)``.
+    """
+
+    log_norm: np.ndarray
+    log_blank: np.ndarray
+    log_emit: np.ndarray
+    alphas: np.ndarray
+    log_likelihood: np.ndarray
+
+
+def residual_shapes(batch: int, frames: int, positions: int, dtype: np.dtype) -> Residuals:
+    """``(shape, dtype)`` of each residual array, for adapters that allocate them in their framework."""
+    grid = (batch, frames, positions)
+    f64 = np.dtype(np.float64)
+    return Residuals(
+        (grid, np.dtype(dtype)), (grid, f64), (grid, f64), (grid, f64), ((batch,), f64)
+    )
+
+
+def allocate_residuals(batch: int, frames: int, positions: int, dtype: np.dtype) -> Residuals:
+    """Uninitialised numpy residual arrays (the kernels write every entry they later read)."""
+    return Residuals(*(np.empty(shape, dt) for shape, dt in residual_shapes(batch, frames, positions, dtype)))
+
+
+@njit(parallel=True, **_JIT)
+def log_normalizers(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax,
+                    log_norm, log_blank, log_emit):
+    """Pass 1: per-row log-normaliser and the blank/label log-probabilities the lattice uses."""
+    B, T, U1, V = logits.shape
+    for bt in prange(B * T):
+        b = bt // T
+        t = bt - b * T
+        if t < logit_lengths[b]:
+            U_b = target_lengths[b]
+            for u in range(U_b + 1):
+                row = logits[b, t, u]
+                lse = row[0] * 0
+                if fused_log_softmax:
+                    m = row[0]
+                    for v in range(1, V):
+                        m = row[v] if row[v] > m else m
+                    if m == -np.inf:  # every entry masked: keep the row at -inf instead of NaN
+                        lse = m
+                    else:
+                        s = row[0] * 0
+                        for v in range(V):
+                            s += fast_exp(row[v] - m)
+                        lse = m + math.log(s)
+                log_norm[b, t, u] = lse
+                log_blank[b, t, u] = np.float64(row[blank]) - lse
+                log_emit[b, t, u] = np.float64(row[targets[b, u]]) - lse if u < U_b else -np.inf
+
+
+@njit
+def _log_add(a, b):
+    """``log(exp(a) + exp(b))`` in float64, exact for infinite arguments."""
+    if a < b:
+        a, b = b, a
+    if b == -np.inf:
+        return a
+    return a + math.log1p(math.exp(b - a))
+
+
+@njit(parallel=True, **_JIT)
+def alphas_and_costs(log_blank, log_emit, logit_lengths, target_lengths, fastemit_lambda,
+                     alphas, log_likelihood, costs):
+    """Pass 2: forward variables, ``log P(y|x)`` and ``cost = -(1 + fastemit_lambda) * log P``."""
+    B = log_blank.shape[0]
+    for b in prange(B):
+        T_b = logit_lengths[b]
+        U_b = target_lengths[b]
+        alphas[b, 0, 0] = 0.0
+        for u in range(1, U_b + 1):
+            alphas[b, 0, u] = alphas[b, 0, u - 1] + log_emit[b, 0, u - 1]
+        for t in range(1, T_b):
+            alphas[b, t, 0] = alphas[b, t - 1, 0] + log_blank[b, t - 1, 0]
+            for u in range(1, U_b + 1):
+                alphas[b, t, u] = _log_add(alphas[b, t - 1, u] + log_blank[b, t - 1, u],
+                                           alphas[b, t, u - 1] + log_emit[b, t, u - 1])
+        ll = alphas[b, T_b - 1, U_b] + log_blank[b, T_b - 1, U_b]
+        log_likelihood[b] = ll
+        costs[b] = -(1.0 + fastemit_lambda) * ll
+
+
+@njit(parallel=True, **_JIT)
+def betas(log_blank, log_emit, logit_lengths, target_lengths, out):
+    """Pass 3: backward variables ``out: (B, T, U1)`` float64."""
+    B = log_blank.shape[0]
+    for b in prange(B):
+        T_b = logit_lengths[b]
+        U_b = target_lengths[b]
+        out[b, T_b - 1, U_b] = log_blank[b, T_b - 1, U_b]
+        for u in range(U_b - 1, -1, -1):
+            out[b, T_b - 1, u] = out[b, T_b - 1, u + 1] + log_emit[b, T_b - 1, u]
+        for t in range(T_b - 2, -1, -1):
+            out[b, t, U_b] = out[b, t + 1, U_b] + log_blank[b, t, U_b]
+            for u in range(U_b - 1, -1, -1):
+                out[b, t, u] = _log_add(out[b, t + 1, u] + log_blank[b, t, u],
+                                        out[b, t, u + 1] + log_emit[b, t, u])
+
+
+@njit(parallel=True, **_JIT)
+def gradients(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, fastemit_lambda,
+              clamp, grad_scale, log_norm, log_blank, log_emit, alphas, betas, log_likelihood, grads):
+    """Pass 4: ``grads[b] = clip(d cost_b / d logits[b], -clamp, clamp) * grad_scale[b]``.
+
+    With P_blank and P_label the posteriors of the blank and label transitions out of ``(t, u)``, the
+    gradient w.r.t. the log-probabilities is ``-P_blank`` at the blank and ``-(1 + lambda) * P_label`` at
+    the label (both when they coincide); through the fused log-softmax every entry also gets
+    ``softmax_v * (P_blank + (1 + lambda) * P_label)``.
+    """
+    B, T, U1, V = logits.shape
+    emit_weight = 1.0 + fastemit_lambda
+    limit = clamp if clamp > 0 else np.inf
+    for bt in prange(B * T):
+        b = bt // T
+        t = bt - b * T
+        T_b = logit_lengths[b]
+        U_b = target_lengths[b]
+        if t >= T_b:
+            grads[b, t] = 0
+            continue
+        scale = grad_scale[b]
+        ll = log_likelihood[b]
+        for u in range(U1):
+            g = grads[b, t, u]
+            if u > U_b:
+                g[:] = 0
+                continue
+            alpha = alphas[b, t, u]
+            if t < T_b - 1:
+                p_blank = math.exp(alpha + log_blank[b, t, u] + betas[b, t + 1, u] - ll)
+            elif u == U_b:  # the final blank, which ends the lattice
+                p_blank = math.exp(alpha + log_blank[b, t, u] - ll)
+            else:
+                p_blank = 0.0
+            label = targets[b, u] if u < U_b else blank
+            p_label = math.exp(alpha + log_emit[b, t, u] + betas[b, t, u + 1] - ll) if u < U_b else 0.0
+            emit = emit_weight * p_label
+            row = logits[b, t, u]
+            if fused_log_softmax:
+                occupancy = p_blank + emit
+                norm = log_norm[b, t, u]
+                occ = cast_like(occupancy, g)
+                lim = cast_like(limit, g)
+                sc = cast_like(scale, g)
+                for v in range(V):
+                    x = fast_exp(row[v] - norm) * occ
+                    x = lim if x > lim else x
+                    x = -lim if x < -lim else x
+                    g[v] = x * sc
+                p_blank_softmax = math.exp(row[blank] - norm)
+                g_blank = p_blank_softmax * occupancy - p_blank
+                g_label = math.exp(row[label] - norm) * occupancy - emit
+            else:
+                g[:] = 0
+                g_blank = -p_blank
+                g_label = -emit
+            if u < U_b and label == blank:  # a label equal to blank: both transitions use the entry
+                g_blank -= emit
+            g[blank] = min(max(g_blank, -limit), limit) * scale
+            if u < U_b and label != blank:
+                g[label] = min(max(g_label, -limit), limit) * scale
+
+
+def forward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray, target_lengths: np.ndarray,
+            blank: int, fused_log_softmax: bool, fastemit_lambda: float,
+            costs: np.ndarray, residuals: Residuals) -> None:
+    """Costs ``(B,)`` into ``costs`` and the forward residuals into ``residuals`` (caller-allocated)."""
+    log_normalizers(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax,
+                    residuals.log_norm, residuals.log_blank, residuals.log_emit)
+    alphas_and_costs(residuals.log_blank, residuals.log_emit, logit_lengths, target_lengths, fastemit_lambda,
+                     residuals.alphas, residuals.log_likelihood, costs)
+
+
+def backward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray, target_lengths: np.ndarray,
+             blank: int, fused_log_softmax: bool, fastemit_lambda: float, clamp: float,
+             grad_scale: np.ndarray, residuals: Residuals, grads: np.ndarray) -> None:
+    """Gradient w.r.t. ``logits`` into ``grads`` (same shape and dtype), each utterance's gradient clamped
+    and then multiplied by ``grad_scale: (B,) float64``. Allocates only the ``(B, T, U1)`` betas."""
+    beta = np.empty_like(residuals.alphas)
+    betas(residuals.log_blank, residuals.log_emit, logit_lengths, target_lengths, beta)
+    gradients(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, fastemit_lambda,
+              clamp, grad_scale, residuals.log_norm, residuals.log_blank, residuals.log_emit,
+              residuals.alphas, beta, residuals.log_likelihood, grads)

@@ -1,0 +1,169 @@
+"""PyTorch adapter: ``rnnt_loss`` / ``RNNTLoss`` with torchaudio's argument names, and ``RNNTLossNumba``
+with the seed package's (warprnnt_numba) names and defaults.
+
+The adapter holds no math: it validates the arguments (``rnnt_xla.validation``), hands the tensors'
+memory to the Numba kernels as numpy views (no copy for C-contiguous CPU tensors; other layouts are made
+contiguous once), and lets autograd apply the reduction. The gradient is computed in ``backward`` from the
+small ``O(B*T*U)`` residuals kept by ``forward``, so no ``B*T*(U+1)*V`` buffer lives between the two
+passes, and none is allocated at all when no gradient is requested.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.autograd.function import once_differentiable
+
+from .kernels import cpu
+from .validation import ArraySpec, LossShape, check_arguments, check_lengths_and_labels
+
+__all__ = ["rnnt_loss", "RNNTLoss", "RNNTLossNumba"]
+
+
+def _spec(name: str, tensor: object) -> ArraySpec:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    return ArraySpec(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), str(tensor.device))
+
+
+def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """Zero-copy numpy view of a contiguous CPU tensor (a contiguous copy otherwise)."""
+    return tensor.detach().contiguous().numpy()
+
+
+def _as_index_array(tensor: torch.Tensor) -> np.ndarray:
+    """The kernels are compiled for int64 indices only; int32 inputs (B or B*U values) are widened."""
+    return np.ascontiguousarray(tensor.detach().numpy(), dtype=np.int64)
+
+
+class _RNNTLossFunction(torch.autograd.Function):
+    """Per-utterance costs ``(B,)``; the reduction is applied by the caller with differentiable torch ops."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, logit_lengths, target_lengths, shape, fused_log_softmax, fastemit_lambda,
+                clamp):
+        shape: LossShape
+        targets_np, logit_lengths_np, target_lengths_np = map(_as_index_array, (targets, logit_lengths, target_lengths))
+        check_lengths_and_labels(targets_np, logit_lengths_np, target_lengths_np, shape)
+        logits_c = logits.contiguous()
+        logits_np = logits_c.detach().numpy()
+        B, T, U1, _ = logits_np.shape
+        costs = torch.empty(B, dtype=logits.dtype)
+        residuals = cpu.allocate_residuals(B, T, U1, logits_np.dtype)
+        cpu.forward(logits_np, targets_np, logit_lengths_np, target_lengths_np, shape.blank, fused_log_softmax,
+                    fastemit_lambda, costs.numpy(), residuals)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(logits_c)
+            ctx.kernel_args = (targets_np, logit_lengths_np, target_lengths_np, shape.blank, fused_log_softmax,
+                               fastemit_lambda, clamp)
+            ctx.residuals = residuals
+        return costs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_costs):
+        (logits,) = ctx.saved_tensors
+        targets, logit_lengths, target_lengths, blank, fused, fastemit_lambda, clamp = ctx.kernel_args
+        grad_scale = np.ascontiguousarray(grad_costs.detach().to(torch.float64).numpy())
+        grads = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        cpu.backward(logits.detach().numpy(), targets, logit_lengths, target_lengths, blank, fused,
+                     fastemit_lambda, clamp, grad_scale, ctx.residuals, grads.numpy())
+        ctx.residuals = None  # free the residuals as soon as they are used
+        return grads, None, None, None, None, None, None, None
+
+
+def _reduce(costs: torch.Tensor, target_lengths: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return costs
+    if reduction == "sum":
+        return costs.sum()
+    if reduction == "mean":
+        return costs.mean()
+    # mean_by_target_length: an empty target counts as length 1, so the cost is not divided by zero.
+    return (costs / target_lengths.to(costs.dtype).clamp(min=1)).mean()
+
+
+def rnnt_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    logit_lengths: torch.Tensor,
+    target_lengths: torch.Tensor,
+    blank: int = -1,
+    clamp: float = -1.0,
+    reduction: str = "mean",
+    fused_log_softmax: bool = True,
+    fastemit_lambda: float = 0.0,
+) -> torch.Tensor:
+    """RNN-Transducer loss (Graves, 2012), torchaudio-compatible, with FastEmit.
+
+    Args:
+        logits: ``(B, T, U+1, V)`` float32/float64 joiner output (unnormalised scores; log-probabilities
+            if ``fused_log_softmax=False``).
+        targets: ``(B, W)`` int32/int64 labels, ``W >= max(target_lengths)``; columns past each target
+            length are ignored whatever they hold.
+        logit_lengths: ``(B,)`` int32/int64 frames per utterance, in ``[1, T]``.
+        target_lengths: ``(B,)`` int32/int64 labels per utterance, in ``[0, min(U, W)]``.
+        blank: blank index in ``[0, V)``, or negative to count from the end (default ``-1``: ``V-1``).
+        clamp: if ``> 0``, each utterance's gradient w.r.t. ``logits`` is clipped to ``[-clamp, clamp]``
+            before the reduction and the incoming gradient scale it.
+        reduction: ``"none"`` | ``"sum"`` | ``"mean"`` (sum / B) | ``"mean_by_target_length"`` (mean over
+            the batch of ``cost_b / max(U_b, 1)``).
+        fused_log_softmax: compute log-softmax inside the loss (True) or use ``logits`` as log-probs.
+        fastemit_lambda: FastEmit weight ``>= 0``: costs are ``-(1 + lambda) log P(y|x)`` and the label
+            transitions' gradient is scaled by ``1 + lambda``.
+
+    Returns:
+        ``(B,)`` costs for ``"none"``, else a scalar, in the dtype of ``logits``.
+
+    Raises:
+        TypeError, ValueError: on any invalid argument, naming it, before any computation.
+    """
+    specs = [_spec(n, t) for n, t in zip(("logits", "targets", "logit_lengths", "target_lengths"),
+                                         (logits, targets, logit_lengths, target_lengths))]
+    shape = check_arguments(*specs, blank=blank, clamp=clamp, reduction=reduction,
+                            fused_log_softmax=fused_log_softmax, fastemit_lambda=fastemit_lambda)
+    if logits.device.type != "cpu":
+        raise ValueError(f"logits must be on the CPU in this version of rnnt_xla, got device {logits.device}")
+    costs = _RNNTLossFunction.apply(logits, targets, logit_lengths, target_lengths, shape,
+                                    bool(fused_log_softmax), float(fastemit_lambda), float(clamp))
+    return _reduce(costs, target_lengths, reduction)
+
+
+class RNNTLoss(torch.nn.Module):
+    """Module form of :func:`rnnt_loss`, like ``torchaudio.transforms.RNNTLoss`` plus ``fastemit_lambda``."""
+
+    def __init__(self, blank: int = -1, clamp: float = -1.0, reduction: str = "mean",
+                 fused_log_softmax: bool = True, fastemit_lambda: float = 0.0):
+        super().__init__()
+        self.blank = blank
+        self.clamp = clamp
+        self.reduction = reduction
+        self.fused_log_softmax = fused_log_softmax
+        self.fastemit_lambda = fastemit_lambda
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, logit_lengths: torch.Tensor,
+                target_lengths: torch.Tensor) -> torch.Tensor:
+        return rnnt_loss(logits, targets, logit_lengths, target_lengths, blank=self.blank, clamp=self.clamp,
+                         reduction=self.reduction, fused_log_softmax=self.fused_log_softmax,
+                         fastemit_lambda=self.fastemit_lambda)
+
+
+class RNNTLossNumba(torch.nn.Module):
+    """Drop-in for ``warprnnt_numba.RNNTLossNumba``: same constructor keywords, defaults and forward order.
+
+    ``blank=0``; ``reduction`` ``'none'``/``'sum'``/``'mean'`` (also ``'mean_by_target_length'``);
+    ``clamp <= 0`` disables clamping. ``acts`` are unnormalised logits ``(B, T, U+1, V)``; ``labels`` may be
+    wider than ``U`` (extra columns are ignored) and may contain the blank (e.g. as a BOS token).
+    """
+
+    def __init__(self, blank: int = 0, reduction: str = "mean", fastemit_lambda: float = 0.0, clamp: float = -1):
+        super().__init__()
+        self.blank = blank
+        self.reduction = reduction
+        self.fastemit_lambda = fastemit_lambda
+        self.clamp = float(clamp) if clamp > 0 else 0.0
+
+    def forward(self, acts: torch.Tensor, labels: torch.Tensor, act_lens: torch.Tensor,
+                label_lens: torch.Tensor) -> torch.Tensor:
+        return rnnt_loss(acts, labels, act_lens, label_lens, blank=self.blank, clamp=self.clamp,
+                         reduction=self.reduction, fused_log_softmax=True, fastemit_lambda=self.fastemit_lambda)
