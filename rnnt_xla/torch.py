@@ -68,7 +68,6 @@ class _RNNTLossFunction(torch.autograd.Function):
         grads = torch.empty_like(logits, memory_format=torch.contiguous_format)
         cpu.backward(logits.detach().numpy(), targets, logit_lengths, target_lengths, blank, fused,
                      fastemit_lambda, clamp, grad_scale, ctx.residuals, grads.numpy())
-        ctx.residuals = None  # free the residuals as soon as they are used
         return grads, None, None, None, None, None, None, None
 
 

@@ -1,0 +1,61 @@
+"""Shared problem generators for the tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+
+@dataclass
+class Problem:
+    """One RNNT loss input: ``logits (B, T, U+1, V)``, ``targets (B, W)``, lengths ``(B,)``, blank."""
+
+    logits: np.ndarray
+    targets: np.ndarray
+    logit_lengths: np.ndarray
+    target_lengths: np.ndarray
+    blank: int
+
+
+def random_problem(
+    rng: np.random.Generator,
+    B: int,
+    T: int,
+    U: int,
+    V: int,
+    *,
+    dtype=np.float32,
+    blank: int = 0,
+    variable_lengths: bool = True,
+    extra_target_columns: int = 0,
+    index_dtype=np.int32,
+    scale: float = 2.0,
+) -> Problem:
+    """Random logits and labels; with ``variable_lengths`` utterances are shorter than the padded sizes
+    (one of them keeps the full T and U) and padding holds junk labels (-1 and out-of-vocabulary ids)."""
+    logits = (rng.standard_normal((B, T, U + 1, V)) * scale).astype(dtype)
+    if variable_lengths:
+        logit_lengths = rng.integers(1, T + 1, size=B)
+        target_lengths = rng.integers(0, U + 1, size=B)
+        logit_lengths[0], target_lengths[0] = T, U
+    else:
+        logit_lengths = np.full(B, T)
+        target_lengths = np.full(B, U)
+    W = U + extra_target_columns
+    targets = rng.integers(0, V, size=(B, W))
+    for b in range(B):  # junk past each target length must be ignored
+        targets[b, target_lengths[b]:] = rng.choice([-1, V, 10 * V + 3], size=W - target_lengths[b])
+    return Problem(
+        logits,
+        targets.astype(index_dtype),
+        logit_lengths.astype(index_dtype),
+        target_lengths.astype(index_dtype),
+        blank,
+    )
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)

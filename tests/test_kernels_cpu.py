@@ -1,0 +1,123 @@
+"""The Numba CPU kernels against the float64 reference, on raw numpy arrays."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+from conftest import Problem, random_problem
+from rnnt_xla.kernels import cpu
+from rnnt_xla.kernels.fast_math import fast_exp
+from rnnt_xla.reference import log_softmax, rnnt_loss_reference
+
+
+def run_kernels(p: Problem, *, fused=True, fastemit_lambda=0.0, clamp=-1.0, grad_scale=None):
+    """Costs ``(B,)`` and gradient of ``sum_b grad_scale[b] * cost_b`` from the kernels."""
+    B, T, U1, V = p.logits.shape
+    idx = [np.ascontiguousarray(a, dtype=np.int64) for a in (p.targets, p.logit_lengths, p.target_lengths)]
+    residuals = cpu.allocate_residuals(B, T, U1, p.logits.dtype)
+    costs = np.empty(B, p.logits.dtype)
+    cpu.forward(p.logits, *idx, p.blank % V, fused, fastemit_lambda, costs, residuals)
+    grads = np.full_like(p.logits, np.nan)  # every entry must be written, padding included
+    scale = np.ones(B) if grad_scale is None else grad_scale
+    cpu.backward(p.logits, *idx, p.blank % V, fused, fastemit_lambda, clamp, scale, residuals, grads)
+    return costs, grads
+
+
+def reference(p: Problem, **kwargs):
+    return rnnt_loss_reference(p.logits, p.targets, p.logit_lengths, p.target_lengths, blank=p.blank,
+                               reduction="none", **kwargs)
+
+
+def _random_cases(n: int, seed: int = 7):
+    rng = np.random.default_rng(seed)
+    cases = []
+    for i in range(n):
+        B, T, U, V = int(rng.integers(1, 9)), int(rng.integers(1, 41)), int(rng.integers(0, 16)), int(rng.integers(2, 65))
+        blank = [0, V - 1, V // 2, -1][i % 4]
+        fastemit = [0.0, 0.0, 0.01, 0.5][i % 4 - (i // 4) % 2]
+        clamp = [-1.0, 0.0, 0.05, 0.5][(i // 2) % 4]
+        fused = i % 5 != 4
+        cases.append((i, B, T, U, V, blank, fastemit, clamp, fused))
+    return cases
+
+
+@pytest.mark.parametrize("dtype,cost_rtol,grad_atol", [(np.float32, 1e-5, 1e-4), (np.float64, 1e-12, 1e-12)])
+@pytest.mark.parametrize("case", _random_cases(40), ids=lambda c: "case{}-B{}T{}U{}V{}-blank{}-fe{}-clamp{}-fused{}".format(*c))
+def test_kernels_match_reference(case, dtype, cost_rtol, grad_atol):
+    i, B, T, U, V, blank, fastemit, clamp, fused = case
+    rng = np.random.default_rng(i)
+    p = random_problem(rng, B, T, U, V, dtype=dtype, blank=blank, extra_target_columns=i % 3)
+    if not fused:
+        p.logits = log_softmax(p.logits).astype(dtype)
+    costs, grads = run_kernels(p, fused=fused, fastemit_lambda=fastemit, clamp=clamp)
+    ref_costs, ref_grads = reference(p, fused_log_softmax=fused, fastemit_lambda=fastemit, clamp=clamp)
+    np.testing.assert_allclose(costs, ref_costs, rtol=cost_rtol)
+    np.testing.assert_allclose(grads, ref_grads, atol=grad_atol, rtol=0)
+
+
+def test_padding_gets_exactly_zero_gradient(rng):
+    p = random_problem(rng, 4, 12, 6, 9, blank=3)
+    p.logit_lengths[:] = [12, 5, 1, 7]
+    p.target_lengths[:] = [6, 0, 2, 3]
+    _, grads = run_kernels(p, fastemit_lambda=0.1, clamp=0.3)
+    for b in range(4):
+        T_b, U_b = p.logit_lengths[b], p.target_lengths[b]
+        assert np.all(grads[b, T_b:] == 0)
+        assert np.all(grads[b, :, U_b + 1:] == 0)
+        assert np.all(np.abs(grads[b, :T_b, : U_b + 1]).sum(axis=-1) > 0)
+
+
+def test_grad_scale_multiplies_each_utterance_after_clamping(rng):
+    p = random_problem(rng, 3, 6, 4, 7)
+    scale = np.array([0.5, -2.0, 0.0])
+    _, grads = run_kernels(p, clamp=0.1, grad_scale=scale)
+    _, ref_grads = reference(p, clamp=0.1)
+    np.testing.assert_allclose(grads, ref_grads * scale[:, None, None, None], atol=1e-6)
+
+
+def test_inputs_are_not_modified(rng):
+    p = random_problem(rng, 3, 9, 5, 11)
+    before = [a.copy() for a in (p.logits, p.targets, p.logit_lengths, p.target_lengths)]
+    run_kernels(p, fastemit_lambda=0.2, clamp=0.5)
+    for a, b in zip(before, (p.logits, p.targets, p.logit_lengths, p.target_lengths)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_masked_vocabulary_entries_get_zero_gradient(rng):
+    p = random_problem(rng, 2, 5, 3, 10, blank=0)
+    p.targets[:, :3] = rng.integers(1, 6, size=(2, 3))
+    p.logits[..., 6:] = -np.inf  # vocabulary entries a model masked out
+    costs, grads = run_kernels(p)
+    ref_costs, ref_grads = reference(p)
+    np.testing.assert_allclose(costs, ref_costs, rtol=1e-5)
+    assert np.all(grads[..., 6:] == 0)
+    np.testing.assert_allclose(grads[..., :6], ref_grads[..., :6], atol=1e-5)
+
+
+def test_degenerate_sizes():
+    logits = np.array([[[[0.3, -1.2]]]], dtype=np.float32)  # T=1, U=0, V=2
+    p = Problem(logits, np.zeros((1, 0), np.int64), np.array([1]), np.array([0]), blank=1)
+    costs, grads = run_kernels(p)
+    ref_costs, ref_grads = reference(p)
+    np.testing.assert_allclose(costs, ref_costs, rtol=1e-6)
+    np.testing.assert_allclose(grads, ref_grads, atol=1e-6)
+
+
+@numba.njit
+def _exp_all(x, out):
+    for i in range(x.shape[0]):
+        out[i] = fast_exp(x[i])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fast_exp_accuracy_and_special_values(dtype):
+    x = np.concatenate([np.linspace(-87, 88, 200_001), [-np.inf, -1e4, -88.0, 0.0, np.nan]]).astype(dtype)
+    out = np.empty_like(x)
+    _exp_all(x, out)
+    exact = np.exp(x[:-5].astype(np.float64))
+    rel = np.abs(out[:-5] - exact) / exact
+    assert rel.max() < 3 * np.finfo(dtype).eps
+    assert out[-5] == 0 and out[-4] == 0 and out[-2] == 1
+    assert np.isnan(out[-1])
