@@ -64,11 +64,14 @@ class _RNNTLossFunction(torch.autograd.Function):
     def backward(ctx, grad_costs):
         (logits,) = ctx.saved_tensors
         targets, logit_lengths, target_lengths, blank, fused, fastemit_lambda, clamp = ctx.kernel_args
+        logits_np = logits.detach().numpy()
         grad_scale = np.ascontiguousarray(grad_costs.detach().to(torch.float64).numpy())
-        grads = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        cpu.backward(logits.detach().numpy(), targets, logit_lengths, target_lengths, blank, fused,
-                     fastemit_lambda, clamp, grad_scale, ctx.residuals, grads.numpy())
-        return grads, None, None, None, None, None, None, None
+        # numpy asks the kernel for transparent huge pages on large buffers (torch does not): first-touch
+        # page faults on a fresh gradient then cost ~4x less. The tensor shares the numpy memory.
+        grads = np.empty_like(logits_np)
+        cpu.backward(logits_np, targets, logit_lengths, target_lengths, blank, fused, fastemit_lambda, clamp,
+                     grad_scale, ctx.residuals, grads)
+        return torch.from_numpy(grads), None, None, None, None, None, None, None
 
 
 def _reduce(costs: torch.Tensor, target_lengths: torch.Tensor, reduction: str) -> torch.Tensor:
