@@ -77,6 +77,28 @@ def allocate_residuals(batch: int, frames: int, positions: int, dtype: np.dtype)
     return Residuals(*(np.empty(shape, dt) for shape, dt in residual_shapes(batch, frames, positions, dtype)))
 
 
+@njit(**_JIT)
+def _row_max(row):
+    """Maximum of a 1-d array (NaNs skipped). Eight independent running maxima let LLVM use one SIMD
+    max per eight elements; a single running maximum is a serial dependency chain (2x slower here)."""
+    V = row.shape[0]
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = row[0]
+    end = V - V % 8
+    for i in range(0, end, 8):
+        m0 = row[i] if row[i] > m0 else m0
+        m1 = row[i + 1] if row[i + 1] > m1 else m1
+        m2 = row[i + 2] if row[i + 2] > m2 else m2
+        m3 = row[i + 3] if row[i + 3] > m3 else m3
+        m4 = row[i + 4] if row[i + 4] > m4 else m4
+        m5 = row[i + 5] if row[i + 5] > m5 else m5
+        m6 = row[i + 6] if row[i + 6] > m6 else m6
+        m7 = row[i + 7] if row[i + 7] > m7 else m7
+    m = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+    for v in range(end, V):
+        m = row[v] if row[v] > m else m
+    return m
+
+
 @njit(parallel=True, **_JIT)
 def log_normalizers(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax,
                     log_norm, log_blank, log_emit):
@@ -91,9 +113,7 @@ def log_normalizers(logits, targets, logit_lengths, target_lengths, blank, fused
                 row = logits[b, t, u]
                 lse = row[0] * 0
                 if fused_log_softmax:
-                    m = row[0]
-                    for v in range(1, V):
-                        m = row[v] if row[v] > m else m
+                    m = _row_max(row)
                     if m == -np.inf:  # every entry masked: keep the row at -inf instead of NaN
                         lse = m
                     else:
