@@ -3,7 +3,7 @@ with the seed package's (warprnnt_numba) names and defaults.
 
 The adapter holds no math: it validates the arguments (``rnnt_xla.validation``), hands the tensors'
 memory to the Numba kernels as numpy views (no copy for C-contiguous CPU tensors; other layouts are made
-contiguous once), and lets autograd apply the reduction. The gradient is computed in ``backward`` from the
+contiguous once), and reduces with the shared ``rnnt_xla.reductions``. The gradient is computed in ``backward`` from the
 small ``O(B*T*U)`` residuals kept by ``forward``, so no ``B*T*(U+1)*V`` buffer lives between the two
 passes, and none is allocated at all when no gradient is requested.
 """
@@ -15,6 +15,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .kernels import cpu
+from .reductions import gradient_scale, reduce_costs
 from .validation import ArraySpec, LossShape, check_arguments, check_lengths_and_labels
 
 __all__ = ["rnnt_loss", "RNNTLoss", "RNNTLossNumba"]
@@ -37,52 +38,44 @@ def _as_index_array(tensor: torch.Tensor) -> np.ndarray:
 
 
 class _RNNTLossFunction(torch.autograd.Function):
-    """Per-utterance costs ``(B,)``; the reduction is applied by the caller with differentiable torch ops."""
+    """The reduced loss; the gradient w.r.t. ``logits`` is computed in ``backward`` from the residuals."""
 
     @staticmethod
-    def forward(ctx, logits, targets, logit_lengths, target_lengths, shape, fused_log_softmax, fastemit_lambda,
-                clamp):
+    def forward(ctx, logits, targets, logit_lengths, target_lengths, shape, reduction, fused_log_softmax,
+                fastemit_lambda, clamp):
         shape: LossShape
         targets_np, logit_lengths_np, target_lengths_np = map(_as_index_array, (targets, logit_lengths, target_lengths))
         check_lengths_and_labels(targets_np, logit_lengths_np, target_lengths_np, shape)
         logits_c = logits.contiguous()
         logits_np = logits_c.detach().numpy()
         B, T, U1, _ = logits_np.shape
-        costs = torch.empty(B, dtype=logits.dtype)
+        costs = np.empty(B, dtype=logits_np.dtype)
         residuals = cpu.allocate_residuals(B, T, U1, logits_np.dtype)
         cpu.forward(logits_np, targets_np, logit_lengths_np, target_lengths_np, shape.blank, fused_log_softmax,
-                    fastemit_lambda, costs.numpy(), residuals)
+                    fastemit_lambda, costs, residuals)
+        loss = torch.empty((B,) if reduction == "none" else (), dtype=logits.dtype)
+        reduce_costs(costs[None], target_lengths_np[None], reduction, loss.numpy()[None])
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(logits_c)
             ctx.kernel_args = (targets_np, logit_lengths_np, target_lengths_np, shape.blank, fused_log_softmax,
                                fastemit_lambda, clamp)
+            ctx.reduction = reduction
             ctx.residuals = residuals
-        return costs
+        return loss
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_costs):
+    def backward(ctx, grad_loss):
         (logits,) = ctx.saved_tensors
         targets, logit_lengths, target_lengths, blank, fused, fastemit_lambda, clamp = ctx.kernel_args
         logits_np = logits.detach().numpy()
-        grad_scale = np.ascontiguousarray(grad_costs.detach().to(torch.float64).numpy())
+        grad_scale = gradient_scale(grad_loss.detach().numpy()[None], target_lengths[None], ctx.reduction)[0]
         # numpy asks the kernel for transparent huge pages on large buffers (torch does not): first-touch
         # page faults on a fresh gradient then cost ~4x less. The tensor shares the numpy memory.
         grads = np.empty_like(logits_np)
         cpu.backward(logits_np, targets, logit_lengths, target_lengths, blank, fused, fastemit_lambda, clamp,
                      grad_scale, ctx.residuals, grads)
-        return torch.from_numpy(grads), None, None, None, None, None, None, None
-
-
-def _reduce(costs: torch.Tensor, target_lengths: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "none":
-        return costs
-    if reduction == "sum":
-        return costs.sum()
-    if reduction == "mean":
-        return costs.mean()
-    # mean_by_target_length: an empty target counts as length 1, so the cost is not divided by zero.
-    return (costs / target_lengths.to(costs.dtype).clamp(min=1)).mean()
+        return torch.from_numpy(grads), None, None, None, None, None, None, None, None
 
 
 def rnnt_loss(
@@ -126,9 +119,8 @@ def rnnt_loss(
                             fused_log_softmax=fused_log_softmax, fastemit_lambda=fastemit_lambda)
     if logits.device.type != "cpu":
         raise ValueError(f"logits must be on the CPU in this version of rnnt_xla, got device {logits.device}")
-    costs = _RNNTLossFunction.apply(logits, targets, logit_lengths, target_lengths, shape,
-                                    bool(fused_log_softmax), float(fastemit_lambda), float(clamp))
-    return _reduce(costs, target_lengths, reduction)
+    return _RNNTLossFunction.apply(logits, targets, logit_lengths, target_lengths, shape, reduction,
+                                   bool(fused_log_softmax), float(fastemit_lambda), float(clamp))
 
 
 class RNNTLoss(torch.nn.Module):

@@ -1,0 +1,183 @@
+"""JAX adapter: ``rnnt_loss`` with the same names, defaults, semantics and errors as ``rnnt_xla.torch``.
+
+The loss is a ``jax.custom_vjp`` whose forward and backward are ``jax.experimental.buffer_callback``s:
+XLA hands the callbacks its own input and output buffers, the Numba kernels read the logits and write the
+costs, residuals and gradient straight into them (no copies; a test compares the pointers). It works
+eagerly and under ``jit``, ``grad``/``value_and_grad``, ``vmap`` (leading vmapped axes are folded into the
+batch, so the kernels run once over the whole folded batch), ``lax.scan`` and ``checkpoint``.
+
+Like the torch adapter it keeps only ``O(B*T*U)`` residuals from the forward pass and computes the gradient
+in the backward pass, clamped and scaled by the incoming cotangent in one write. The float64 residuals
+travel between the two passes as uint32 pairs, so they keep full precision without ``jax_enable_x64``
+(and results are bit-identical to the torch adapter's).
+
+Errors: shapes, dtypes and options are checked while tracing (``TypeError``/``ValueError``, as in torch).
+Lengths and labels are checked before the kernels run: eagerly with the same ``ValueError`` when the
+values are concrete, otherwise inside the callback, where JAX reports the ``ValueError`` message wrapped
+in a ``jax.errors.JaxRuntimeError``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.buffer_callback import buffer_callback
+
+from .kernels import cpu
+from .reductions import gradient_scale, reduce_costs
+from .validation import ArraySpec, LossShape, check_arguments, check_lengths_and_labels
+
+__all__ = ["rnnt_loss"]
+
+
+class _Options(NamedTuple):
+    """Static (hashable) arguments of the custom_vjp."""
+
+    shape: LossShape
+    reduction: str
+    fused_log_softmax: bool
+    fastemit_lambda: float
+    clamp: float
+
+
+def _spec(name: str, x: object) -> ArraySpec:
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        raise TypeError(f"{name} must be a JAX or numpy array, got {type(x).__name__}")
+    return ArraySpec(name, tuple(x.shape), np.dtype(x.dtype).name, "jax")
+
+
+def _fold(buffer, trailing: int) -> np.ndarray:
+    """numpy view of a callback buffer with every axis before the last ``trailing`` folded into one batch
+    axis (vmapped axes come first, then the batch)."""
+    a = np.asarray(buffer)
+    return a.reshape((-1,) + a.shape[a.ndim - trailing:])
+
+
+def _fold_f64(buffer, trailing: int) -> np.ndarray:
+    """Like :func:`_fold` for a float64 residual stored as ``(..., 2)`` uint32 (see module docstring)."""
+    return _fold(np.asarray(buffer).view(np.float64)[..., 0], trailing)
+
+
+def _indices(targets, logit_lengths, target_lengths) -> list[np.ndarray]:
+    return [np.ascontiguousarray(_fold(a, k), dtype=np.int64)
+            for a, k in ((targets, 1), (logit_lengths, 0), (target_lengths, 0))]
+
+
+def _residual_types(logits) -> cpu.Residuals:
+    *lead, T, U1, _ = logits.shape
+    types = []
+    for shape, dtype in cpu.residual_shapes(1, T, U1, logits.dtype):
+        full = tuple(lead) + shape[1:]
+        if dtype == np.float64 and dtype != logits.dtype:
+            types.append(jax.ShapeDtypeStruct(full + (2,), jnp.uint32))
+        else:
+            types.append(jax.ShapeDtypeStruct(full, dtype))
+    return cpu.Residuals(*types)
+
+
+def _host_residuals(buffers) -> cpu.Residuals:
+    arrays = []
+    for buffer, trailing in zip(buffers, (2, 2, 2, 2, 0)):
+        raw = np.asarray(buffer)
+        arrays.append(_fold(raw, trailing) if raw.dtype != np.uint32 else _fold_f64(raw, trailing))
+    return cpu.Residuals(*arrays)
+
+
+def _forward(options: _Options, logits, targets, logit_lengths, target_lengths):
+    B = options.shape.batch
+
+    def callback(ctx, out, logits_buf, targets_buf, logit_lengths_buf, target_lengths_buf):
+        loss, residuals = out
+        idx = _indices(targets_buf, logit_lengths_buf, target_lengths_buf)
+        check_lengths_and_labels(*idx, options.shape)
+        costs = np.empty(idx[2].shape, dtype=logits.dtype)
+        cpu.forward(_fold(logits_buf, 3), *idx, options.shape.blank, options.fused_log_softmax,
+                    options.fastemit_lambda, costs, _host_residuals(residuals))
+        per_call = (-1, B) if options.reduction == "none" else (-1,)
+        reduce_costs(costs.reshape(-1, B), idx[2].reshape(-1, B), options.reduction,
+                     np.asarray(loss).reshape(per_call))
+
+    loss_shape = logits.shape[:-3] if options.reduction == "none" else logits.shape[:-4]
+    out_types = (jax.ShapeDtypeStruct(loss_shape, logits.dtype), _residual_types(logits))
+    run = buffer_callback(callback, out_types, vmap_method="broadcast_all")
+    return run(logits, targets, logit_lengths, target_lengths)
+
+
+def _backward(options: _Options, logits, targets, logit_lengths, target_lengths, residuals, grad_loss):
+    B = options.shape.batch
+
+    def callback(ctx, grads, logits_buf, targets_buf, logit_lengths_buf, target_lengths_buf, residual_bufs,
+                 grad_loss_buf):
+        idx = _indices(targets_buf, logit_lengths_buf, target_lengths_buf)
+        per_call = (-1, B) if options.reduction == "none" else (-1,)
+        grad_scale = gradient_scale(np.asarray(grad_loss_buf).reshape(per_call), idx[2].reshape(-1, B),
+                                    options.reduction).reshape(-1)
+        cpu.backward(_fold(logits_buf, 3), *idx, options.shape.blank, options.fused_log_softmax,
+                     options.fastemit_lambda, options.clamp, grad_scale, _host_residuals(residual_bufs),
+                     _fold(grads, 3))
+
+    run = buffer_callback(callback, jax.ShapeDtypeStruct(logits.shape, logits.dtype), vmap_method="broadcast_all")
+    return run(logits, targets, logit_lengths, target_lengths, residuals, grad_loss)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _rnnt_loss(options: _Options, logits, targets, logit_lengths, target_lengths):
+    loss, _ = _forward(options, logits, targets, logit_lengths, target_lengths)
+    return loss
+
+
+def _rnnt_loss_fwd(options: _Options, logits, targets, logit_lengths, target_lengths):
+    loss, residuals = _forward(options, logits, targets, logit_lengths, target_lengths)
+    return loss, (logits, targets, logit_lengths, target_lengths, residuals)
+
+
+def _rnnt_loss_bwd(options: _Options, saved, grad_loss):
+    logits, targets, logit_lengths, target_lengths, residuals = saved
+    grads = _backward(options, logits, targets, logit_lengths, target_lengths, residuals, grad_loss)
+    return grads, None, None, None
+
+
+_rnnt_loss.defvjp(_rnnt_loss_fwd, _rnnt_loss_bwd)
+
+
+def _is_concrete(*arrays) -> bool:
+    return not any(isinstance(a, jax.core.Tracer) for a in arrays)
+
+
+def rnnt_loss(
+    logits: jax.Array,
+    targets: jax.Array,
+    logit_lengths: jax.Array,
+    target_lengths: jax.Array,
+    blank: int = -1,
+    clamp: float = -1.0,
+    reduction: str = "mean",
+    fused_log_softmax: bool = True,
+    fastemit_lambda: float = 0.0,
+) -> jax.Array:
+    """RNN-Transducer loss (Graves, 2012) with FastEmit; see ``rnnt_xla.torch.rnnt_loss`` for the semantics.
+
+    Args:
+        logits: ``(B, T, U+1, V)`` float32/float64 joiner output (log-probs if ``fused_log_softmax=False``).
+        targets: ``(B, W)`` int32/int64 labels, ``W >= max(target_lengths)``.
+        logit_lengths: ``(B,)`` int32/int64, in ``[1, T]``.
+        target_lengths: ``(B,)`` int32/int64, in ``[0, min(U, W)]``.
+        blank, clamp, reduction, fused_log_softmax, fastemit_lambda: static Python values, as in torch.
+
+    Returns:
+        ``(B,)`` costs for ``reduction="none"``, else a scalar, in the dtype of ``logits``. Differentiable
+        w.r.t. ``logits`` only.
+    """
+    names = ("logits", "targets", "logit_lengths", "target_lengths")
+    arrays = (logits, targets, logit_lengths, target_lengths)
+    shape = check_arguments(*(_spec(n, a) for n, a in zip(names, arrays)), blank=blank, clamp=clamp,
+                            reduction=reduction, fused_log_softmax=fused_log_softmax,
+                            fastemit_lambda=fastemit_lambda)
+    if _is_concrete(targets, logit_lengths, target_lengths):
+        check_lengths_and_labels(*_indices(targets, logit_lengths, target_lengths), shape)
+    options = _Options(shape, reduction, bool(fused_log_softmax), float(fastemit_lambda), float(clamp))
+    return _rnnt_loss(options, *map(jnp.asarray, arrays))
