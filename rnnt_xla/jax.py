@@ -19,6 +19,7 @@ in a ``jax.errors.JaxRuntimeError``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
+from jax.sharding import PartitionSpec as P
 
 from .kernels import cpu
 from .reductions import gradient_scale, reduce_costs
@@ -42,6 +44,7 @@ class _Options(NamedTuple):
     fused_log_softmax: bool
     fastemit_lambda: float
     clamp: float
+    mean_batch: int  # the B of "mean" reductions: the whole batch, also when this call sees one shard
 
 
 def _spec(name: str, x: object) -> ArraySpec:
@@ -87,6 +90,18 @@ def _host_residuals(buffers) -> cpu.Residuals:
     return cpu.Residuals(*arrays)
 
 
+def _mark_varying(outputs, inputs):
+    """Inside ``shard_map`` a callback's outputs are typed as identical on every device; they really vary
+    like the inputs (each device computes its own shard), so say so. A no-op at run time; outside
+    ``shard_map`` nothing varies and the outputs are returned as they are."""
+    axes = set()
+    for leaf in jax.tree.leaves(inputs):
+        axes |= getattr(jax.typeof(leaf), "manual_axis_type", None).varying
+    if not axes:
+        return outputs
+    return jax.tree.map(lambda out: jax.lax.pcast(out, tuple(sorted(axes)), to="varying"), outputs)
+
+
 def _forward(options: _Options, logits, targets, logit_lengths, target_lengths):
     B = options.shape.batch
 
@@ -99,12 +114,13 @@ def _forward(options: _Options, logits, targets, logit_lengths, target_lengths):
                     options.fastemit_lambda, costs, _host_residuals(residuals))
         per_call = (-1, B) if options.reduction == "none" else (-1,)
         reduce_costs(costs.reshape(-1, B), idx[2].reshape(-1, B), options.reduction,
-                     np.asarray(loss).reshape(per_call))
+                     np.asarray(loss).reshape(per_call), options.mean_batch)
 
     loss_shape = logits.shape[:-3] if options.reduction == "none" else logits.shape[:-4]
     out_types = (jax.ShapeDtypeStruct(loss_shape, logits.dtype), _residual_types(logits))
     run = buffer_callback(callback, out_types, vmap_method="broadcast_all")
-    return run(logits, targets, logit_lengths, target_lengths)
+    inputs = (logits, targets, logit_lengths, target_lengths)
+    return _mark_varying(run(*inputs), inputs)
 
 
 def _backward(options: _Options, logits, targets, logit_lengths, target_lengths, residuals, grad_loss):
@@ -115,13 +131,14 @@ def _backward(options: _Options, logits, targets, logit_lengths, target_lengths,
         idx = _indices(targets_buf, logit_lengths_buf, target_lengths_buf)
         per_call = (-1, B) if options.reduction == "none" else (-1,)
         grad_scale = gradient_scale(np.asarray(grad_loss_buf).reshape(per_call), idx[2].reshape(-1, B),
-                                    options.reduction).reshape(-1)
+                                    options.reduction, options.mean_batch).reshape(-1)
         cpu.backward(_fold(logits_buf, 3), *idx, options.shape.blank, options.fused_log_softmax,
                      options.fastemit_lambda, options.clamp, grad_scale, _host_residuals(residual_bufs),
                      _fold(grads, 3))
 
     run = buffer_callback(callback, jax.ShapeDtypeStruct(logits.shape, logits.dtype), vmap_method="broadcast_all")
-    return run(logits, targets, logit_lengths, target_lengths, residuals, grad_loss)
+    inputs = (logits, targets, logit_lengths, target_lengths, residuals, grad_loss)
+    return _mark_varying(run(*inputs), inputs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -179,5 +196,41 @@ def rnnt_loss(
                             fastemit_lambda=fastemit_lambda)
     if _is_concrete(targets, logit_lengths, target_lengths):
         check_lengths_and_labels(*_indices(targets, logit_lengths, target_lengths), shape)
-    options = _Options(shape, reduction, bool(fused_log_softmax), float(fastemit_lambda), float(clamp))
-    return _rnnt_loss(options, *map(jnp.asarray, arrays))
+    options = _Options(shape, reduction, bool(fused_log_softmax), float(fastemit_lambda), float(clamp),
+                       mean_batch=shape.batch)
+    arrays = tuple(map(jnp.asarray, arrays))
+    batch_axes = _explicit_batch_axes(arrays[0])
+    if batch_axes is not None:
+        return _sharded_over_batch(options, batch_axes, *arrays)
+    return _rnnt_loss(options, *arrays)
+
+
+def _explicit_batch_axes(logits: jax.Array) -> tuple[str, ...] | None:
+    """Mesh axes of an explicit sharding that splits only the batch axis of the logits (evenly), if any."""
+    sharding = jax.typeof(logits).sharding
+    spec = getattr(sharding, "spec", None)
+    if not spec or spec[0] is None or any(s is not None for s in spec[1:]):
+        return None
+    axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    return axes if logits.shape[0] % _mesh_size(sharding.mesh, axes) == 0 else None
+
+
+def _sharded_over_batch(options: _Options, axes: tuple[str, ...], logits, targets, logit_lengths, target_lengths):
+    """Each device runs the kernels on its own shard of the batch (``shard_map``); the reduced loss is
+    summed across devices and the gradient keeps the sharding of the logits. No logits are gathered."""
+    mesh = jax.typeof(logits).sharding.mesh
+    spec = P(axes)
+    local = options._replace(shape=dataclasses.replace(options.shape, batch=logits.shape[0] // _mesh_size(mesh, axes)))
+    targets, logit_lengths, target_lengths = (jax.reshard(a, spec) for a in (targets, logit_lengths, target_lengths))
+
+    def per_shard(*shard):
+        loss = _rnnt_loss(local, *shard)
+        return loss if options.reduction == "none" else jax.lax.psum(loss, axes)
+
+    out_spec = spec if options.reduction == "none" else P()
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=(spec,) * 4, out_specs=out_spec)(
+        logits, targets, logit_lengths, target_lengths)
+
+
+def _mesh_size(mesh, axes: tuple[str, ...]) -> int:
+    return int(np.prod([mesh.shape[a] for a in axes]))

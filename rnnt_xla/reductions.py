@@ -13,13 +13,14 @@ import numpy as np
 __all__ = ["cost_weights", "reduce_costs", "gradient_scale"]
 
 
-def cost_weights(target_lengths: np.ndarray, reduction: str) -> np.ndarray:
+def cost_weights(target_lengths: np.ndarray, reduction: str, batch: int | None = None) -> np.ndarray:
     """Weights ``(N, B) float64`` of the costs for ``target_lengths: (N, B)``.
 
     ``"none"``/``"sum"``: 1; ``"mean"``: 1/B; ``"mean_by_target_length"``: ``1 / (B * max(U_b, 1))``.
+    ``batch`` overrides B when the costs are one shard of a larger batch.
     """
     lengths = np.asarray(target_lengths)
-    batch = lengths.shape[-1]
+    batch = batch or lengths.shape[-1]
     if reduction in ("none", "sum"):
         return np.ones(lengths.shape)
     if reduction == "mean":
@@ -29,18 +30,20 @@ def cost_weights(target_lengths: np.ndarray, reduction: str) -> np.ndarray:
     raise ValueError(f"unknown reduction {reduction!r}")
 
 
-def reduce_costs(costs: np.ndarray, target_lengths: np.ndarray, reduction: str, out: np.ndarray) -> None:
+def reduce_costs(costs: np.ndarray, target_lengths: np.ndarray, reduction: str, out: np.ndarray,
+                 batch: int | None = None) -> None:
     """Write the reduced loss of ``costs: (N, B)`` into ``out``: ``(N, B)`` for ``"none"``, else ``(N,)``."""
     if reduction == "none":
         out[...] = costs
     else:
-        out[...] = (costs.astype(np.float64) * cost_weights(target_lengths, reduction)).sum(axis=-1)
+        out[...] = (costs.astype(np.float64) * cost_weights(target_lengths, reduction, batch)).sum(axis=-1)
 
 
-def gradient_scale(grad_loss: np.ndarray, target_lengths: np.ndarray, reduction: str) -> np.ndarray:
+def gradient_scale(grad_loss: np.ndarray, target_lengths: np.ndarray, reduction: str,
+                   batch: int | None = None) -> np.ndarray:
     """Per-utterance factor ``(N, B) float64`` applied to each utterance's gradient, from the incoming
     gradient of the reduced loss (``(N, B)`` for ``"none"``, else ``(N,)``)."""
     g = np.asarray(grad_loss, dtype=np.float64)
     if reduction != "none":
         g = g[..., None]
-    return np.ascontiguousarray(cost_weights(target_lengths, reduction) * g)
+    return np.ascontiguousarray(cost_weights(target_lengths, reduction, batch) * g)
