@@ -198,7 +198,8 @@ def rnnt_loss(
         check_lengths_and_labels(*_indices(targets, logit_lengths, target_lengths), shape)
     options = _Options(shape, reduction, bool(fused_log_softmax), float(fastemit_lambda), float(clamp),
                        mean_batch=shape.batch)
-    arrays = tuple(map(jnp.asarray, arrays))
+    # jnp.asarray on a traced JAX array inserts a copy of the logits in eager jax.grad: convert others only.
+    arrays = tuple(a if isinstance(a, jax.Array) else jnp.asarray(a) for a in arrays)
     batch_axes = _explicit_batch_axes(arrays[0])
     if batch_axes is not None:
         return _sharded_over_batch(options, batch_axes, *arrays)
