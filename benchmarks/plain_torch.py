@@ -100,7 +100,8 @@ def _self_check(trials: int = 20, seed: int = 0) -> None:
 
         worst_cost = max(worst_cost, float(((cost - ref).detach().abs() / ref.detach().abs().clamp_min(1.0)).max()))
         worst_grad = max(worst_grad, float((ours.grad - seed_in.grad).abs().max()))
-    print(f"{trials} random cases vs warprnnt_numba: max rel cost err {worst_cost:.2e}, max abs grad err {worst_grad:.2e}")
+    print(f"{trials} random cases vs warprnnt_numba: "
+          f"max rel cost err {worst_cost:.2e}, max abs grad err {worst_grad:.2e}")
     assert worst_cost < 1e-4 and worst_grad < 1e-4, "plain torch RNN-T loss disagrees with warprnnt_numba"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -190,6 +191,7 @@ def test_agrees_with_the_seed_package(fastemit_lambda, clamp, reduction):
     torchaudio and rnnt_xla) before; with reduction 'none'/'sum' and unit incoming gradients both agree.
     """
     warprnnt_numba = pytest.importorskip("warprnnt_numba")
+    threads = numba.get_num_threads()  # the seed sets Numba's process-wide thread count to 1 on every call
     p = random_problem(np.random.default_rng(5), 4, 10, 5, 12, blank=0, variable_lengths=True)
     p.targets = np.where(p.targets < 1, 1, np.where(p.targets >= 12, 1, p.targets)).astype(np.int32)
     ours_in = as_tensors(p)
@@ -199,6 +201,7 @@ def test_agrees_with_the_seed_package(fastemit_lambda, clamp, reduction):
                                         clamp=clamp)(*seed_in)
     ours.sum().backward()
     seed.sum().backward()
+    numba.set_num_threads(threads)
     np.testing.assert_allclose(ours.detach().numpy(), seed.detach().numpy().reshape(ours.shape), rtol=1e-5)
     np.testing.assert_allclose(ours_in[0].grad.numpy(), seed_in[0].grad.numpy(), atol=1e-5)
 
