@@ -1,7 +1,9 @@
-"""Command line: ``python -m rnnt_xla [check]``.
+"""Command line: ``python -m rnnt_xla [check | demo | doctor]``.
 
 ``check`` (the default) computes the loss and its gradient on a built-in batch with the PyTorch adapter,
-compares them with the float64 reference, and prints a small timing table.
+compares them with the float64 reference, and prints a small timing table. ``demo`` trains a tiny
+transducer on built-in synthetic data. ``doctor`` reports whether Numba, the CUDA driver and toolkit and the
+GPU fit together.
 """
 
 from __future__ import annotations
@@ -88,9 +90,21 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command")
     check_parser = commands.add_parser("check", help="loss on a built-in batch vs the reference, plus timings")
     check_parser.add_argument("--repeats", type=int, default=5, help="timed runs per shape (median reported)")
+    demo_parser = commands.add_parser("demo", help="train a tiny transducer on built-in synthetic data")
+    demo_parser.add_argument("--steps", type=int, default=None, help="training steps per framework")
+    demo_parser.add_argument("--framework", choices=["torch", "jax", "both"], default="both")
+    commands.add_parser("doctor", help="check Numba, CUDA driver/toolkit and GPU compatibility")
     args = parser.parse_args(argv)
     if args.command in (None, "check"):
         return check(getattr(args, "repeats", 5))
+    if args.command == "demo":
+        from rnnt_xla.demo import main as demo_main
+
+        return demo_main(steps=args.steps, framework=args.framework)
+    if args.command == "doctor":
+        from rnnt_xla.doctor import main as doctor_main
+
+        return doctor_main()
     parser.error(f"unknown command {args.command}")
     return 2
 
