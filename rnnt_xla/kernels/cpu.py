@@ -21,9 +21,12 @@ The pass entry points :func:`forward` and :func:`backward` hold no math; they ca
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from typing import NamedTuple
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -43,7 +46,21 @@ __all__ = [
 # Reassociation lets LLVM vectorise the sum over the vocabulary; no 'nnan'/'ninf', so infinities
 # (masked vocabulary entries) and NaNs keep IEEE semantics.
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
-_JIT = dict(cache=True, fastmath=_FASTMATH, error_model="numpy")
+# nogil: other Python threads (data loading, a second JAX device's callback) run while a kernel computes.
+_JIT = dict(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
+
+# Numba's "workqueue" threading layer (the fallback when neither OpenMP nor TBB is available) aborts the
+# process when two threads launch parallel kernels at once; serialise the passes unless a thread-safe
+# layer is active. The layer is only known after the first launch, so that one is serialised too.
+_WORKQUEUE_LOCK = threading.Lock()
+
+
+def _parallel_section():
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet in this process
+        layer = None
+    return contextlib.nullcontext() if layer in ("omp", "tbb") else _WORKQUEUE_LOCK
 
 
 class Residuals(NamedTuple):
@@ -242,10 +259,11 @@ def forward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray, 
             blank: int, fused_log_softmax: bool, fastemit_lambda: float,
             costs: np.ndarray, residuals: Residuals) -> None:
     """Costs ``(B,)`` into ``costs`` and the forward residuals into ``residuals`` (caller-allocated)."""
-    log_normalizers(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax,
-                    residuals.log_norm, residuals.log_blank, residuals.log_emit)
-    alphas_and_costs(residuals.log_blank, residuals.log_emit, logit_lengths, target_lengths, fastemit_lambda,
-                     residuals.alphas, residuals.log_likelihood, costs)
+    with _parallel_section():
+        log_normalizers(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax,
+                        residuals.log_norm, residuals.log_blank, residuals.log_emit)
+        alphas_and_costs(residuals.log_blank, residuals.log_emit, logit_lengths, target_lengths,
+                         fastemit_lambda, residuals.alphas, residuals.log_likelihood, costs)
 
 
 def backward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray, target_lengths: np.ndarray,
@@ -254,7 +272,8 @@ def backward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray,
     """Gradient w.r.t. ``logits`` into ``grads`` (same shape and dtype), each utterance's gradient clamped
     and then multiplied by ``grad_scale: (B,) float64``. Allocates only the ``(B, T, U1)`` betas."""
     beta = np.empty_like(residuals.alphas)
-    betas(residuals.log_blank, residuals.log_emit, logit_lengths, target_lengths, beta)
-    gradients(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, fastemit_lambda,
-              clamp, grad_scale, residuals.log_norm, residuals.log_blank, residuals.log_emit,
-              residuals.alphas, beta, residuals.log_likelihood, grads)
+    with _parallel_section():
+        betas(residuals.log_blank, residuals.log_emit, logit_lengths, target_lengths, beta)
+        gradients(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, fastemit_lambda,
+                  clamp, grad_scale, residuals.log_norm, residuals.log_blank, residuals.log_emit,
+                  residuals.alphas, beta, residuals.log_likelihood, grads)
