@@ -57,7 +57,9 @@ def _fold(buffer, trailing: int) -> np.ndarray:
     """numpy view of a callback buffer with every axis before the last ``trailing`` folded into one batch
     axis (vmapped axes come first, then the batch)."""
     a = np.asarray(buffer)
-    return a.reshape((-1,) + a.shape[a.ndim - trailing:])
+    split = a.ndim - trailing
+    # An explicit leading size, not -1: with an empty trailing axis (targets of width 0) -1 is ambiguous.
+    return a.reshape((int(np.prod(a.shape[:split])),) + a.shape[split:])
 
 
 def _fold_f64(buffer, trailing: int) -> np.ndarray:
