@@ -1,12 +1,18 @@
-"""CPU benchmark: forward + backward of the RNN-T loss for rnnt_xla, warprnnt_numba (the seed) and plain PyTorch.
+"""CPU benchmark suite of the RNN-T loss: rnnt_xla (torch and JAX adapters) against its peers.
 
-    python benchmarks/bench_cpu.py                      # all three shapes, all implementations
-    python benchmarks/bench_cpu.py --skip-seed --first-call
-    python benchmarks/bench_cpu.py --shapes 2,20,5,16 --repeats 3
+    python benchmarks/bench_cpu.py                        # everything (about 10-15 min on 2 cores)
+    python benchmarks/bench_cpu.py --skip-seed            # leave out the very slow seed (warprnnt_numba)
+    python benchmarks/bench_cpu.py --shapes 2,20,5,16 --repeats 3 --no-memory --no-first-call --out /tmp/s.json
+    ~/.venvs/rnnt-peers/bin/python benchmarks/bench_cpu.py   # with torchaudio (benchmarks/setup_peers.sh)
 
-Each measurement is ``loss = impl(logits, ...)`` with reduction='mean' followed by ``loss.backward()``,
-on identical inputs for every implementation (blank=0, full lengths). Results go to a rich table and to
-``benchmarks/results/cpu_<hostname>.json``.
+Per shape, every implementation is timed forward + backward (``reduction='mean'``, then the gradient w.r.t.
+the logits) and forward only, on identical inputs (blank=0, full lengths), round-robin over
+implementations. Then, per shape: rnnt_xla_torch with 1 vs N Numba threads, a roofline kernel
+(``roofline.py``), and each of rnnt_xla's four kernel passes on its own (``passes.py``). After all shapes:
+the peak RSS growth of one fwd+bwd per implementation and shape, each in a fresh process (``memory.py``),
+and the time to a first result in a fresh process (``first_call.py``). Output: Markdown tables on the
+terminal, ``benchmarks/results/cpu_<hostname>.json`` (+ ``.md``, and ``_fwd_bwd.png`` / ``_fwd.png``
+plots). See benchmarks/README.md for what each number means.
 """
 
 from __future__ import annotations
@@ -20,35 +26,46 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parent
 # `python benchmarks/bench_cpu.py` puts benchmarks/ (not the repo root) on sys.path; add the root so a
 # source checkout of rnnt_xla imports without `pip install -e .`.
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(REPO_ROOT), str(HERE)]
 
-DEFAULT_SHAPES = ["4,100,30,128", "8,200,50,256", "16,150,40,1024"]
-BLANK = 0
+from implementations import ORDER, REFERENCE, SEED, BLANK, Impl, Prepared, Shape, load, make_inputs  # noqa: E402
+from implementations import set_thread_environment  # noqa: E402
 
-Shape = tuple[int, int, int, int]  # (B, T, U, V); logits are (B, T, U+1, V)
-LossFn = Callable[..., "torch.Tensor"]  # (logits, targets, logit_lengths, target_lengths) -> scalar loss
+DEFAULT_SHAPES = ["4,100,30,128", "8,200,50,256", "16,150,40,1024", "2,1000,60,128"]
+MODES = ("fwd_bwd", "fwd")
+NOISY = 1.5  # a median more than this times the minimum is flagged
+
+
+@dataclass
+class Timing:
+    times_s: list[float] = field(default_factory=list)
+    loss: float | None = None
+    median_s: float | None = None
+    min_s: float | None = None
+    ratio: float | None = None  # median / rnnt_xla_torch's median, same shape and mode
+    gb_per_s: float | None = None  # logits bytes / median
+    error: str | None = None
 
 
 @dataclass
 class Result:
     shape: Shape
     impl: str
-    times_s: list[float] = field(default_factory=list)
-    loss: float | None = None
-    median_s: float | None = None
-    ratio_vs_rnnt_xla: float | None = None
-    gb_per_s: float | None = None
+    logits_bytes: int
+    fwd_bwd: Timing = field(default_factory=Timing)
+    fwd: Timing = field(default_factory=Timing)
+    xla_memory: dict = field(default_factory=dict)  # JAX: compiled programs' memory_analysis(), bytes
+    rss: dict = field(default_factory=dict)  # memory.py: peak RSS growth of one fwd+bwd in a fresh process
     error: str | None = None
 
 
@@ -59,267 +76,243 @@ def parse_shape(text: str) -> Shape:
     return tuple(parts)  # type: ignore[return-value]
 
 
-def load_implementations(skip_seed: bool, threads: int, console: "Console") -> dict[str, LossFn]:
-    """Import each implementation; one that fails to import is skipped with a printed note."""
-    impls: dict[str, LossFn] = {}
-    try:
-        from rnnt_xla.torch import rnnt_loss
-
-        impls["rnnt_xla"] = lambda x, y, xl, yl: rnnt_loss(x, y, xl, yl, blank=BLANK, reduction="mean")
-    except Exception as exc:  # ImportError, or anything a half-finished package raises on import
-        console.print(f"[yellow]skipping rnnt_xla: import failed ({type(exc).__name__}: {exc})")
-    if skip_seed:
-        console.print("[yellow]skipping warprnnt_numba (--skip-seed)")
-    else:
-        try:
-            import numba
-            import warprnnt_numba
-
-            seed_loss = warprnnt_numba.RNNTLossNumba(blank=BLANK, reduction="mean")
-
-            def seed_fn(*args: "torch.Tensor") -> "torch.Tensor":
-                # The seed's CPU path calls numba.set_num_threads(1) on every call, which would silently make
-                # every later rnnt_xla call single-threaded; restore the requested count. (Its backward only
-                # scales gradients computed in forward, so forward is the only place this happens.)
-                try:
-                    return seed_loss(*args)
-                finally:
-                    numba.set_num_threads(threads)
-
-            impls["warprnnt_numba"] = seed_fn
-        except Exception as exc:
-            console.print(f"[yellow]skipping warprnnt_numba: import failed ({type(exc).__name__}: {exc})")
-    from plain_torch import rnnt_loss_plain_torch
-
-    impls["plain_torch"] = lambda x, y, xl, yl: rnnt_loss_plain_torch(x, y, xl, yl, blank=BLANK, reduction="mean")
-    return impls
-
-
-def make_inputs(shape: Shape, seed: int = 0) -> tuple["torch.Tensor", ...]:
-    """Random logits and labels in [1, V) (never blank=0), full lengths; int32 because the seed requires it."""
-    import torch
-
-    B, T, U, V = shape
-    gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(B, T, U + 1, V, generator=gen, dtype=torch.float32)
-    targets = torch.randint(1, V, (B, U), generator=gen, dtype=torch.int32)
-    logit_lengths = torch.full((B,), T, dtype=torch.int32)
-    target_lengths = torch.full((B,), U, dtype=torch.int32)
-    return logits.requires_grad_(), targets, logit_lengths, target_lengths
-
-
-def fwd_bwd(fn: LossFn, inputs: tuple["torch.Tensor", ...]) -> tuple[float, float]:
-    """One timed forward + backward; returns (seconds, loss value)."""
-    logits = inputs[0]
-    logits.grad = None  # every call allocates its gradient, as in a training step after zero_grad(set_to_none)
+def _timed(fn: Callable[[], float]) -> tuple[float, float]:
     start = time.perf_counter()
-    loss = fn(*inputs)
-    loss.backward()
-    elapsed = time.perf_counter() - start
-    return elapsed, float(loss.detach().sum())
+    loss = fn()
+    return time.perf_counter() - start, loss
 
 
-def run_benchmarks(shapes: list[Shape], impls: dict[str, LossFn], repeats: int, seed_repeats: int,
-                   console: "Console") -> list[Result]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
-    n_repeats = {name: seed_repeats if name == "warprnnt_numba" else repeats for name in impls}
+
+def run_shapes(shapes: list[Shape], impls: dict[str, Impl], args: argparse.Namespace, progress, console
+               ) -> tuple[list[Result], dict[str, list[dict]]]:
+    """Timings of every implementation, then the per-shape extras (threads, roofline, passes)."""
+    import numba
+
+    repeats = {name: args.seed_repeats if name == SEED else args.repeats for name in impls}
     # The seed is warmed up once on a tiny input instead of once per shape: its Numba JIT does not depend on
-    # the shape, and a full-size warm-up call would double an already very slow run (~17 s per call).
-    n_warmup = {name: 0 if name == "warprnnt_numba" else 1 for name in impls}
-    total = len(shapes) * sum(n_repeats[name] + n_warmup[name] for name in impls) + ("warprnnt_numba" in impls)
+    # the shape, and a full-size warm-up call would double an already very slow run.
+    warmups = {name: 0 if name == SEED else 1 for name in impls}
+    extras_steps = 3 if (args.profile and REFERENCE in impls) else 0
+    per_shape = sum(len(MODES) * (repeats[n] + warmups[n]) + 1 for n in impls) + extras_steps
+    task = progress.add_task("timing", total=len(shapes) * per_shape + (SEED in impls))
     results: list[Result] = []
-    failed: set[str] = set()
-    with Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as progress:
-        task = progress.add_task("warm-up", total=total)
-        if "warprnnt_numba" in impls:
-            progress.update(task, description="warprnnt_numba warm-up (tiny shape)")
-            fwd_bwd(impls["warprnnt_numba"], make_inputs((2, 4, 2, 8)))
+    extras: dict[str, list[dict]] = {"thread_scaling": [], "roofline": [], "passes": []}
+    failed: set[tuple[str, str]] = set()
+
+    if SEED in impls:
+        progress.update(task, description=f"{SEED} warm-up (tiny shape)")
+        warm = impls[SEED].prepare(make_inputs((2, 4, 2, 8)))
+        warm.fwd_bwd()
+        warm.fwd()
+        progress.advance(task)
+
+    for shape in shapes:
+        inputs = make_inputs(shape)  # one set of inputs per shape, shared by all implementations
+        by_name = {name: Result(shape, name, inputs.logits_bytes) for name in impls}
+        results.extend(by_name.values())
+        prepared: dict[str, Prepared] = {}
+        for name, impl in impls.items():
+            progress.update(task, description=f"{name} {shape} prepare" + (" (XLA compile)" if "jax" in name else ""))
+            try:
+                prepared[name] = impl.prepare(inputs)
+                by_name[name].xla_memory = prepared[name].memory
+            except Exception as exc:
+                by_name[name].error = f"{type(exc).__name__}: {exc}"
+                console.print(f"[red]{name} failed to prepare {shape}: {by_name[name].error}")
             progress.advance(task)
-        for shape in shapes:
-            inputs = make_inputs(shape)  # one set of inputs per shape, shared by all implementations
-            by_name = {name: Result(shape=shape, impl=name) for name in impls}
-            results.extend(by_name.values())
-            left = {name: n_repeats[name] + n_warmup[name] for name in impls}
 
-            def call(name: str, label: str, timed: bool) -> None:
-                result = by_name[name]
-                if name in failed:
-                    result.error = result.error or "failed on an earlier shape"
-                    return
-                progress.update(task, description=f"{name} {shape} {label}")
-                try:
-                    elapsed, loss = fwd_bwd(impls[name], inputs)
-                except Exception as exc:  # keep benchmarking the others; report the failure in the table
-                    result.error = f"{type(exc).__name__}: {exc}"
-                    result.times_s.clear()  # a partial set of timings would be misleading
-                    failed.add(name)
-                    console.print(f"[red]{name} failed on {shape}: {result.error}")
-                    return
-                finally:
-                    left[name] -= 1
-                    progress.advance(task)
-                if timed:
-                    result.times_s.append(elapsed)
-                    result.loss = loss
+        def call(name: str, mode: str, label: str, timed: bool) -> None:
+            timing: Timing = getattr(by_name[name], mode)
+            progress.update(task, description=f"{name} {shape} {mode} {label}")
+            progress.advance(task)
+            if (name, mode) in failed or name not in prepared:
+                timing.error = timing.error or by_name[name].error or "failed on an earlier shape"
+                return
+            try:
+                elapsed, loss = _timed(getattr(prepared[name], mode))
+            except Exception as exc:  # keep benchmarking the others; report the failure in the table
+                timing.error = f"{type(exc).__name__}: {exc}"
+                timing.times_s.clear()  # a partial set of timings would be misleading
+                failed.add((name, mode))
+                console.print(f"[red]{name} {mode} failed on {shape}: {timing.error}")
+                return
+            if timed:
+                timing.times_s.append(elapsed)
+                timing.loss = loss
 
+        for mode in MODES:
             for name in impls:
-                for _ in range(n_warmup[name]):
-                    call(name, "warm-up", timed=False)
+                for _ in range(warmups[name]):
+                    call(name, mode, "warm-up", timed=False)
             # Round-robin over implementations, so that a burst of load on a shared machine hits them all
             # alike instead of skewing whichever one happened to be running.
-            for i in range(max(n_repeats.values(), default=0)):
+            for i in range(max(repeats.values(), default=0)):
                 for name in impls:
-                    if i < n_repeats[name]:
-                        call(name, f"{i + 1}/{n_repeats[name]}", timed=True)
-            for name in impls:  # steps skipped after a failure still count towards the bar
-                progress.advance(task, left[name])
-            inputs[0].grad = None
-            del inputs
-    summarise(results)
-    return results
+                    if i < repeats[name]:
+                        call(name, mode, f"{i + 1}/{repeats[name]}", timed=True)
+
+        if extras_steps and REFERENCE in prepared:
+            ours = prepared[REFERENCE].fwd_bwd
+            progress.update(task, description=f"{REFERENCE} {shape} thread scaling")
+            scaling = {}
+            for n in sorted({1, args.threads}):
+                numba.set_num_threads(n)
+                try:
+                    scaling[str(n)] = _median_time(ours, args.repeats)
+                finally:
+                    numba.set_num_threads(args.threads)
+            extras["thread_scaling"].append({"shape": shape, "median_s": scaling})
+            progress.advance(task)
+
+            progress.update(task, description=f"roofline {shape}")
+            from roofline import bytes_moved, roofline
+
+            roof = _median_time(lambda: roofline(inputs.logits), args.repeats)
+            extras["roofline"].append({"shape": shape, "median_s": roof,
+                                       "gb_per_s": bytes_moved(inputs.logits) / roof / 1e9})
+            progress.advance(task)
+
+            progress.update(task, description=f"rnnt_xla passes {shape}")
+            try:
+                from passes import profile_passes
+
+                times = profile_passes(inputs.logits, inputs.targets, inputs.logit_lengths, inputs.target_lengths,
+                                       BLANK, args.repeats)
+                extras["passes"].append({"shape": shape, "median_s": times})
+            except Exception as exc:  # the kernels' signatures may move under this script
+                extras["passes"].append({"shape": shape, "error": f"{type(exc).__name__}: {exc}"})
+            progress.advance(task)
+
+        for p in prepared.values():
+            p.release()
+        del prepared, inputs
+    summarise(results, extras)
+    return results, extras
 
 
-def summarise(results: list[Result]) -> None:
-    """Fill in median, GB/s of logits processed, and each implementation's time relative to rnnt_xla."""
+def summarise(results: list[Result], extras: dict[str, list[dict]]) -> None:
+    """Fill in medians, minima, GB/s of logits, ratios to rnnt_xla_torch; link the extras to its times."""
     for r in results:
-        if r.times_s:
-            B, T, U, V = r.shape
-            r.median_s = statistics.median(r.times_s)
-            r.gb_per_s = B * T * (U + 1) * V * 4 / r.median_s / 1e9
+        for mode in MODES:
+            t: Timing = getattr(r, mode)
+            if t.times_s:
+                t.median_s = statistics.median(t.times_s)
+                t.min_s = min(t.times_s)
+                t.gb_per_s = r.logits_bytes / t.median_s / 1e9
+    ref = {(r.shape, mode): getattr(r, mode).median_s for r in results if r.impl == REFERENCE for mode in MODES}
     for r in results:
-        ref = next((o for o in results if o.shape == r.shape and o.impl == "rnnt_xla" and o.median_s), None)
-        if ref is not None and r.median_s is not None:
-            r.ratio_vs_rnnt_xla = r.median_s / ref.median_s
+        for mode in MODES:
+            t = getattr(r, mode)
+            base = ref.get((r.shape, mode))
+            if base and t.median_s is not None:
+                t.ratio = t.median_s / base
+    for roof in extras["roofline"]:
+        ours = ref.get((roof["shape"], "fwd_bwd"))
+        roof["rnnt_xla_s"] = ours
+        roof["ratio"] = ours / roof["median_s"] if ours else None
+    for p in extras["passes"]:
+        p["adapter_fwd_bwd_s"] = ref.get((p["shape"], "fwd_bwd"))
 
 
-def print_table(results: list[Result], console: "Console") -> None:
-    from rich.table import Table
+def run_memory(results: list[Result], threads: int, progress) -> None:
+    from memory import measure
 
-    table = Table(title="RNN-T loss, forward + backward on CPU")
-    for column in ("B,T,U,V", "implementation", "median ms", "min ms", "x rnnt_xla", "GB/s", "runs", "loss"):
-        table.add_column(column, justify="left" if column in ("B,T,U,V", "implementation") else "right",
-                         no_wrap=True)
-    previous_shape = None
+    task = progress.add_task("peak RSS", total=len(results))
     for r in results:
-        if previous_shape is not None and r.shape != previous_shape:
-            table.add_section()
-        shape = "" if r.shape == previous_shape else ",".join(map(str, r.shape))
-        previous_shape = r.shape
-        if r.median_s is None:
-            table.add_row(shape, r.impl, f"[red]{r.error or 'no result'}")
-            continue
-        ratio = "—" if r.ratio_vs_rnnt_xla is None else f"{r.ratio_vs_rnnt_xla:.2f}"
-        table.add_row(shape, r.impl, f"{r.median_s * 1e3:,.1f}", f"{min(r.times_s) * 1e3:,.1f}", ratio,
-                      f"{r.gb_per_s:.3f}", str(len(r.times_s)), f"{r.loss:.3f}")
-    console.print(table)
-    # On small shared VMs some processes stall on thread wake-ups (every torch op waits ~16 ms); it shows as a
-    # median far above the minimum. Flag it rather than let a skewed ratio pass silently.
-    noisy = [f"{r.impl} {r.shape}" for r in results
-             if r.median_s and len(r.times_s) > 1 and r.median_s > 2 * min(r.times_s)]
-    if noisy:
-        console.print(f"[yellow]noisy timings (median > 2x min), rerun before trusting them: {', '.join(noisy)}")
-    # A speed table is only meaningful if everyone computes the same loss.
+        progress.update(task, description=f"peak RSS {r.impl} {r.shape} (fresh process)")
+        if r.error is None and r.fwd_bwd.error is None:
+            r.rss = measure(r.impl, r.shape, threads)
+        progress.advance(task)
+
+
+def noise_summary(results: list[Result], load_before: float, load_after: float) -> dict[str, object]:
+    spreads = [(f"{r.impl} {r.shape} {mode}", t.median_s / t.min_s) for r in results for mode in MODES
+               for t in [getattr(r, mode)] if t.median_s and len(t.times_s) > 1]
+    values = [s for _, s in spreads] or [1.0]
+    return {
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
+        "median_over_min_median": statistics.median(values),
+        "median_over_min_max": max(values),
+        "noisy": [name for name, s in spreads if s > NOISY],
+    }
+
+
+def loss_disagreements(results: list[Result]) -> dict[str, list[float]]:
+    """A speed table is only meaningful if everyone computes the same loss."""
+    out = {}
     for shape in dict.fromkeys(r.shape for r in results):
-        losses = [r.loss for r in results if r.shape == shape and r.loss is not None]
+        losses = [t.loss for r in results if r.shape == shape for t in (r.fwd_bwd, r.fwd) if t.loss is not None]
         if len(losses) > 1 and (max(losses) - min(losses)) > 1e-4 * max(1.0, abs(max(losses))):
-            console.print(f"[red]warning: implementations disagree on the loss for {shape}: {losses}")
-
-
-def first_call_times(threads: int, runs: int = 2) -> dict[str, object]:
-    """End-to-end time of a fresh `python -c` that imports rnnt_xla.torch and runs one small fwd+bwd.
-
-    Both runs share a fresh, empty NUMBA_CACHE_DIR, so run 1 pays the full JIT compile and run 2 shows the
-    warm on-disk cache, whatever state the package's own __pycache__ is in. A `python -c "import torch"`
-    run is timed too, since most of the remaining time is interpreter and torch start-up.
-    """
-    child = (
-        "import json, time; t0 = time.perf_counter()\n"
-        "import torch, rnnt_xla.torch as rt\n"
-        "t1 = time.perf_counter()\n"
-        "x = torch.randn(2, 20, 6, 16, requires_grad=True)\n"
-        "y = torch.randint(1, 16, (2, 5), dtype=torch.int32)\n"
-        "n = torch.full((2,), 20, dtype=torch.int32); m = torch.full((2,), 5, dtype=torch.int32)\n"
-        "rt.rnnt_loss(x, y, n, m, blank=0).backward()\n"
-        "print(json.dumps({'import_s': t1 - t0, 'call_s': time.perf_counter() - t1}))\n"
-    )
-    out: dict[str, object] = {"runs": []}
-    with tempfile.TemporaryDirectory(prefix="rnnt_xla_numba_cache_") as cache_dir:
-        env = {**os.environ, "NUMBA_CACHE_DIR": cache_dir, "NUMBA_NUM_THREADS": str(threads),
-               "OMP_NUM_THREADS": str(threads)}
-        for _ in range(runs):
-            start = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-c", child], env=env, cwd=REPO_ROOT, capture_output=True,
-                                  text=True)
-            total = time.perf_counter() - start
-            if proc.returncode != 0:
-                out["error"] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
-                break
-            out["runs"].append({"total_s": total, **json.loads(proc.stdout.strip().splitlines()[-1])})
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import torch"], env=env, cwd=REPO_ROOT, check=True)
-        out["python_import_torch_s"] = time.perf_counter() - start
+            out[",".join(map(str, shape))] = losses
     return out
 
 
-def print_first_call(info: dict[str, object], console: "Console") -> None:
-    from rich.table import Table
-
-    if "error" in info and not info["runs"]:
-        console.print(f"[yellow]first-call measurement skipped: {info['error']}")
-        return
-    table = Table(title="rnnt_xla first call in a fresh process (small fwd+bwd)")
-    for column in ("run", "Numba cache", "total s", "imports s", "first call s"):
-        table.add_column(column, justify="right")
-    for i, run in enumerate(info["runs"]):  # type: ignore[arg-type]
-        table.add_row(str(i + 1), "cold" if i == 0 else "warm", f"{run['total_s']:.2f}", f"{run['import_s']:.2f}",
-                      f"{run['call_s']:.2f}")
-    console.print(table)
-    if "python_import_torch_s" in info:
-        console.print(f"for scale: `python -c 'import torch'` takes {info['python_import_torch_s']:.2f} s")
+def _loadavg() -> float:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return float("nan")
 
 
 def environment(threads: int) -> dict[str, object]:
     import numba
     import numpy
-    import torch
 
-    cpu_model = platform.processor()
+    cpu_model, flags = platform.processor(), []
     try:  # platform.processor() is often empty on Linux
-        cpu_model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                         if line.startswith("model name"))
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu_model = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+        cpu_flags = next(line.split(":", 1)[1].split() for line in info if line.startswith("flags"))
+        flags = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f") if f in cpu_flags]
     except (OSError, StopIteration):
         pass
     try:
         threading_layer = numba.threading_layer()
     except ValueError:  # raised until some parallel Numba function has run
         threading_layer = None
-    return {
+    env: dict[str, object] = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
         "cpu": cpu_model,
+        "cpu_simd_flags": flags,
         "cpu_count": os.cpu_count(),
         "threads": threads,
-        "torch_threads": torch.get_num_threads(),
         "numba_threads": numba.get_num_threads(),
         "numba_threading_layer": threading_layer,
         # Both torch and Numba's "omp" layer start a libgomp thread pool; its wait policy changes timings.
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numba": numba.__version__,
+        "python_executable": sys.executable,
         "numpy": numpy.__version__,
-        "rnnt_xla": _version("rnnt_xla"),
-        "warprnnt_numba": _version("warprnnt_numba"),
+        "numba": numba.__version__,
         "git_commit": _git_commit(),
+        "git_dirty": _git_dirty(),
     }
+    for package in ("torch", "jax", "jaxlib", "torchaudio", "rnnt_xla", "warprnnt_numba", "matplotlib"):
+        env[package] = _version(package)
+    if "torch" in sys.modules:
+        env["torch_threads"] = sys.modules["torch"].get_num_threads()
+    return env
 
 
 def _version(package: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
+    module = sys.modules.get(package)
+    if getattr(module, "__version__", None):
+        return str(module.__version__)
     try:
         return version(package)
     except PackageNotFoundError:
@@ -332,55 +325,105 @@ def _git_commit() -> str | None:
     return proc.stdout.strip() or None
 
 
+def _git_dirty() -> bool | None:
+    """Whether rnnt_xla/ differs from the commit (the benchmark measures the working tree)."""
+    proc = subprocess.run(["git", "status", "--porcelain", "--", "rnnt_xla"], cwd=REPO_ROOT, capture_output=True,
+                          text=True)
+    return bool(proc.stdout.strip()) if proc.returncode == 0 else None
+
+
 def default_output() -> Path:
     host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "local"
-    return Path(__file__).resolve().parent / "results" / f"cpu_{host}.json"
+    return HERE / "results" / f"cpu_{host}.json"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", type=parse_shape, default=[parse_shape(s) for s in DEFAULT_SHAPES],
                         metavar="B,T,U,V", help="logits are (B, T, U+1, V); default: %(default)s")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per shape (default: 5)")
+    parser.add_argument("--impls", nargs="+", choices=ORDER, default=ORDER, metavar="NAME",
+                        help=f"implementations to run (default: all of {', '.join(ORDER)})")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per shape and mode (default: 5)")
     parser.add_argument("--seed-repeats", type=int, default=1,
-                        help="timed calls per shape for warprnnt_numba, which is very slow on CPU (default: 1)")
+                        help="timed calls per shape and mode for warprnnt_numba, very slow on CPU (default: 1)")
     parser.add_argument("--skip-seed", action="store_true", help="do not run warprnnt_numba")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                        help="torch and Numba threads (default: usable cores)")
-    parser.add_argument("--first-call", action="store_true",
-                        help="also time rnnt_xla's first call in a fresh process, cold then warm Numba cache")
+                        help="torch, Numba and XLA threads (default: usable cores)")
+    parser.add_argument("--first-call", action="store_true", help="(default now; kept for old command lines)")
+    parser.add_argument("--no-first-call", action="store_true", help="skip the fresh-process first-call times")
+    parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak RSS measurements")
+    parser.add_argument("--no-profile", action="store_true",
+                        help="skip thread scaling, the roofline and the per-pass profile")
+    parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     parser.add_argument("--out", type=Path, default=None,
-                        help="JSON output (default: benchmarks/results/cpu_<hostname>.json)")
+                        help="JSON output (default: benchmarks/results/cpu_<hostname>.json); the .md table and the "
+                             "PNG plots go next to it")
     args = parser.parse_args(argv)
+    args.profile = not args.no_profile
 
-    # Numba reads NUMBA_NUM_THREADS when it is first imported, so set it before any implementation loads.
-    os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    import torch
+    # Numba and XLA read their thread counts when first imported, so set them before any implementation loads.
+    set_thread_environment(args.threads)
     from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    torch.set_num_threads(args.threads)
-    # Rich falls back to 80 columns when stdout is not a terminal (CI logs, `| tee`), too narrow for the table.
-    console = Console() if sys.stdout.isatty() else Console(width=110)
-    impls = load_implementations(args.skip_seed, args.threads, console)
-    results = run_benchmarks(args.shapes, impls, args.repeats, args.seed_repeats, console)
-    print_table(results, console)
+    # Rich falls back to 80 columns when stdout is not a terminal (CI logs, `| tee`), too narrow for the tables.
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    load_before = _loadavg()
+    if load_before >= 0.5:
+        console.print(f"[yellow]1-min load average is {load_before:.2f}: other work is running, timings will be noisy")
+    names = [n for n in args.impls if not (args.skip_seed and n == SEED)]
+    if args.skip_seed:
+        console.print(f"[yellow]skipping {SEED} (--skip-seed)")
+    impls = load(names, args.threads, lambda msg: console.print(f"[yellow]{msg}"))
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(args.threads)
 
-    report: dict[str, object] = {"environment": environment(args.threads),
-                                 "results": [asdict(r) for r in results]}
-    if args.first_call:
-        if "rnnt_xla" in impls:
-            report["first_call"] = first_call_times(args.threads)
-            print_first_call(report["first_call"], console)  # type: ignore[arg-type]
-        else:
-            console.print("[yellow]--first-call skipped: rnnt_xla does not import")
+    report: dict[str, object] = {}
+    with Progress(TextColumn("{task.description:<56}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        results, extras = run_shapes(args.shapes, impls, args, progress, console)
+        load_after = _loadavg()  # the timing phase only; what follows runs in child processes
+        if not args.no_memory:
+            run_memory(results, args.threads, progress)
+        if not args.no_first_call:
+            from first_call import first_call_times
+
+            adapters = [a for a, impl in (("torch", "rnnt_xla_torch"), ("jax", "rnnt_xla_jax")) if impl in impls]
+            if adapters:
+                task = progress.add_task("first call in fresh processes", total=None)
+                report["first_call"] = first_call_times(args.threads, adapters)
+                progress.update(task, total=1, completed=1)
+
+    report = {
+        "environment": environment(args.threads),
+        "settings": {"repeats": args.repeats, "seed_repeats": args.seed_repeats, "blank": BLANK,
+                     "reduction": "mean", "implementations": {n: i.description for n, i in impls.items()}},
+        "noise": noise_summary(results, load_before, load_after),
+        "loss_disagreements": loss_disagreements(results),
+        "results": [asdict(r) for r in results],
+        **extras,
+        **report,
+    }
+    from report import check_targets, markdown, print_report
+
+    report["targets"] = check_targets(report)
+    print_report(report, console)
 
     out = args.out or default_output()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")  # write then rename, so an interrupted run never leaves half a file
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(out)
-    console.print(f"results written to {out}")
+    out.with_suffix(".md").write_text(markdown(report))  # the same tables as Markdown, for the README
+    console.print(f"results written to {out} and {out.with_suffix('.md').name}")
+    if not args.no_plots:
+        try:
+            from plots import write_plots
+
+            paths = write_plots(report, out.with_suffix(""))
+            console.print("plots: " + ", ".join(str(p) for p in paths))
+        except ImportError as exc:
+            console.print(f"[yellow]no plots: {exc} (pip install matplotlib)")
 
 
 if __name__ == "__main__":
