@@ -180,7 +180,7 @@ def markdown(report: dict) -> str:
         table.title = None
         buffer = io.StringIO()
         Console(file=buffer, width=250, color_system=None).print(table)
-        parts.append("\n".join(line.rstrip() for line in buffer.getvalue().strip("\n").splitlines()) + "\n")
+        parts.append("\n".join(line.rstrip() for line in buffer.getvalue().strip().splitlines()) + "\n")
     parts.append("\n".join(f"- {line}" for line in noise_lines(report)) + "\n")
     return "\n".join(parts)
 
