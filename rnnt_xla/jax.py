@@ -30,6 +30,7 @@ from jax.experimental.buffer_callback import buffer_callback
 from jax.sharding import PartitionSpec as P
 
 from .kernels import cpu
+from .kernels import cuda as cuda_kernels
 from .reductions import gradient_scale, reduce_costs
 from .validation import ArraySpec, LossShape, check_arguments, check_lengths_and_labels
 
@@ -104,22 +105,88 @@ def _mark_varying(outputs, inputs):
     return jax.tree.map(lambda out: jax.lax.pcast(out, tuple(sorted(axes)), to="varying"), outputs)
 
 
+_DLPACK_CUDA = 2  # DLPack device type of CUDA memory (the host is 1)
+
+
+def _on_gpu(buffer) -> bool:
+    """Whether a callback buffer is in CUDA memory: the callbacks then run the CUDA kernels on XLA's stream."""
+    return buffer.__dlpack_device__()[0] == _DLPACK_CUDA
+
+
+def _fold_gpu(buffer, trailing: int, f64_pairs: bool = False):
+    """Like :func:`_fold` (or :func:`_fold_f64` with ``f64_pairs``) for a GPU buffer: a Numba device view."""
+    shape = tuple(buffer.shape[:-1] if f64_pairs else buffer.shape)
+    split = len(shape) - trailing
+    folded = (int(np.prod(shape[:split])),) + shape[split:]
+    return cuda_kernels.device_view(buffer, folded, np.float64 if f64_pairs else None)
+
+
+def _gpu_residuals(buffers) -> cpu.Residuals:
+    return cpu.Residuals(*(_fold_gpu(buffer, trailing, np.dtype(buffer.dtype) == np.uint32)
+                           for buffer, trailing in zip(buffers, (2, 2, 2, 2, 0))))
+
+
+def _gpu_indices(targets, logit_lengths, target_lengths) -> list:
+    return [_fold_gpu(a, k) for a, k in ((targets, 1), (logit_lengths, 0), (target_lengths, 0))]
+
+
+def _forward_gpu(options: _Options, stream: int, out, logits_buf, targets_buf, logit_lengths_buf,
+                 target_lengths_buf) -> None:
+    """The forward callback on a GPU: lengths and labels come to the host for validation and the ``B``
+    costs for the shared reduction (each a copy on XLA's stream and a wait); the rest stays on the GPU."""
+    loss, residuals = out
+    B = options.shape.batch
+    with cuda_kernels.on_device(logits_buf.__dlpack_device__()[1]):
+        idx = _gpu_indices(targets_buf, logit_lengths_buf, target_lengths_buf)
+        host_idx = [np.ascontiguousarray(cuda_kernels.to_host(a, stream), dtype=np.int64) for a in idx]
+        check_lengths_and_labels(*host_idx, options.shape)
+        costs = cuda_kernels.empty(host_idx[2].shape, loss.dtype, stream)
+        cuda_kernels.forward(_fold_gpu(logits_buf, 3), *idx, options.shape.blank, options.fused_log_softmax,
+                             options.fastemit_lambda, costs, _gpu_residuals(residuals), stream)
+        per_call = (-1, B) if options.reduction == "none" else (-1,)
+        reduced = np.empty(loss.shape, dtype=loss.dtype)
+        reduce_costs(cuda_kernels.to_host(costs, stream).reshape(-1, B), host_idx[2].reshape(-1, B),
+                     options.reduction, reduced.reshape(per_call), options.mean_batch)
+        cuda_kernels.copy_from_host(reduced, _fold_gpu(loss, 0), stream)
+
+
+def _backward_gpu(options: _Options, stream: int, grads, logits_buf, targets_buf, logit_lengths_buf,
+                  target_lengths_buf, residual_bufs, grad_loss_buf) -> None:
+    """The backward callback on a GPU: the per-utterance gradient scale is computed on the host from the
+    incoming gradient and the target lengths; ``cuda_kernels.backward`` copies it over, allocates the
+    betas itself and waits for its kernels before returning (see its docstring)."""
+    B = options.shape.batch
+    with cuda_kernels.on_device(logits_buf.__dlpack_device__()[1]):
+        idx = _gpu_indices(targets_buf, logit_lengths_buf, target_lengths_buf)
+        target_lengths = cuda_kernels.to_host(idx[2], stream)
+        per_call = (-1, B) if options.reduction == "none" else (-1,)
+        grad_loss = cuda_kernels.to_host(_fold_gpu(grad_loss_buf, 0), stream).reshape(per_call)
+        grad_scale = gradient_scale(grad_loss, target_lengths.reshape(-1, B), options.reduction,
+                                    options.mean_batch).reshape(-1)
+        cuda_kernels.backward(_fold_gpu(logits_buf, 3), *idx, options.shape.blank, options.fused_log_softmax,
+                              options.fastemit_lambda, options.clamp, grad_scale, _gpu_residuals(residual_bufs),
+                              _fold_gpu(grads, 3), stream)
+
+
 def _forward(options: _Options, logits, targets, logit_lengths, target_lengths):
     B = options.shape.batch
 
     def callback(ctx, out, logits_buf, targets_buf, logit_lengths_buf, target_lengths_buf):
+        if _on_gpu(logits_buf):
+            return _forward_gpu(options, ctx.stream, out, logits_buf, targets_buf, logit_lengths_buf,
+                                target_lengths_buf)
         loss, residuals = out
         idx = _indices(targets_buf, logit_lengths_buf, target_lengths_buf)
         check_lengths_and_labels(*idx, options.shape)
-        costs = np.empty(idx[2].shape, dtype=logits.dtype)
-        cpu.forward(_fold(logits_buf, 3), *idx, options.shape.blank, options.fused_log_softmax,
+        costs = np.empty(idx[2].shape, dtype=cpu.compute_dtype(logits.dtype))
+        cpu.forward(cpu.as_kernel_array(_fold(logits_buf, 3)), *idx, options.shape.blank, options.fused_log_softmax,
                     options.fastemit_lambda, costs, _host_residuals(residuals))
         per_call = (-1, B) if options.reduction == "none" else (-1,)
         reduce_costs(costs.reshape(-1, B), idx[2].reshape(-1, B), options.reduction,
                      np.asarray(loss).reshape(per_call), options.mean_batch)
 
     loss_shape = logits.shape[:-3] if options.reduction == "none" else logits.shape[:-4]
-    out_types = (jax.ShapeDtypeStruct(loss_shape, logits.dtype), _residual_types(logits))
+    out_types = (jax.ShapeDtypeStruct(loss_shape, cpu.compute_dtype(logits.dtype)), _residual_types(logits))
     run = buffer_callback(callback, out_types, vmap_method="broadcast_all")
     inputs = (logits, targets, logit_lengths, target_lengths)
     return _mark_varying(run(*inputs), inputs)
@@ -130,13 +197,16 @@ def _backward(options: _Options, logits, targets, logit_lengths, target_lengths,
 
     def callback(ctx, grads, logits_buf, targets_buf, logit_lengths_buf, target_lengths_buf, residual_bufs,
                  grad_loss_buf):
+        if _on_gpu(logits_buf):
+            return _backward_gpu(options, ctx.stream, grads, logits_buf, targets_buf, logit_lengths_buf,
+                                 target_lengths_buf, residual_bufs, grad_loss_buf)
         idx = _indices(targets_buf, logit_lengths_buf, target_lengths_buf)
         per_call = (-1, B) if options.reduction == "none" else (-1,)
         grad_scale = gradient_scale(np.asarray(grad_loss_buf).reshape(per_call), idx[2].reshape(-1, B),
                                     options.reduction, options.mean_batch).reshape(-1)
-        cpu.backward(_fold(logits_buf, 3), *idx, options.shape.blank, options.fused_log_softmax,
-                     options.fastemit_lambda, options.clamp, grad_scale, _host_residuals(residual_bufs),
-                     _fold(grads, 3))
+        cpu.backward(cpu.as_kernel_array(_fold(logits_buf, 3)), *idx, options.shape.blank,
+                     options.fused_log_softmax, options.fastemit_lambda, options.clamp, grad_scale,
+                     _host_residuals(residual_bufs), cpu.as_kernel_array(_fold(grads, 3)))
 
     run = buffer_callback(callback, jax.ShapeDtypeStruct(logits.shape, logits.dtype), vmap_method="broadcast_all")
     inputs = (logits, targets, logit_lengths, target_lengths, residuals, grad_loss)
@@ -181,15 +251,17 @@ def rnnt_loss(
     """RNN-Transducer loss (Graves, 2012) with FastEmit; see ``rnnt_xla.torch.rnnt_loss`` for the semantics.
 
     Args:
-        logits: ``(B, T, U+1, V)`` float32/float64 joiner output (log-probs if ``fused_log_softmax=False``).
+        logits: ``(B, T, U+1, V)`` float32/float16/bfloat16 (float64 with ``jax_enable_x64``) joiner output
+            (log-probs if ``fused_log_softmax=False``); 16-bit logits are computed in float32 and get a
+            gradient in their own dtype.
         targets: ``(B, W)`` int32/int64 labels, ``W >= max(target_lengths)``.
         logit_lengths: ``(B,)`` int32/int64, in ``[1, T]``.
         target_lengths: ``(B,)`` int32/int64, in ``[0, min(U, W)]``.
         blank, clamp, reduction, fused_log_softmax, fastemit_lambda: static Python values, as in torch.
 
     Returns:
-        ``(B,)`` costs for ``reduction="none"``, else a scalar, in the dtype of ``logits``. Differentiable
-        w.r.t. ``logits`` only.
+        ``(B,)`` costs for ``reduction="none"``, else a scalar: float64 for float64 logits, else float32.
+        Differentiable w.r.t. ``logits`` only.
     """
     names = ("logits", "targets", "logit_lengths", "target_lengths")
     arrays = (logits, targets, logit_lengths, target_lengths)

@@ -15,6 +15,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .kernels import cpu
+from .kernels import cuda as cuda_kernels
 from .reductions import gradient_scale, reduce_costs
 from .validation import ArraySpec, LossShape, check_arguments, check_lengths_and_labels
 
@@ -27,9 +28,22 @@ def _spec(name: str, tensor: object) -> ArraySpec:
     return ArraySpec(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), str(tensor.device))
 
 
-def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """Zero-copy numpy view of a contiguous CPU tensor (a contiguous copy otherwise)."""
-    return tensor.detach().contiguous().numpy()
+def _logits_for_kernels(tensor: torch.Tensor) -> np.ndarray:
+    """Zero-copy numpy view of contiguous CPU logits; float16/bfloat16 as their bits (numpy has no bfloat16)."""
+    tensor = tensor.detach()
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        return cpu.as_kernel_array(tensor.view(torch.int16).numpy().view(_NUMPY_16BIT[tensor.dtype]))
+    return tensor.numpy()
+
+
+def _tensor_from_kernel_array(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """Tensor of ``dtype`` sharing ``array``'s memory (16-bit gradients come back as bits)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.from_numpy(array.view(np.int16)).view(dtype)
+    return torch.from_numpy(array)
+
+
+_NUMPY_16BIT = {torch.float16: np.dtype(np.float16), torch.bfloat16: np.dtype(np.int16)}
 
 
 def _as_index_array(tensor: torch.Tensor) -> np.ndarray:
@@ -47,14 +61,15 @@ class _RNNTLossFunction(torch.autograd.Function):
         targets_np, logit_lengths_np, target_lengths_np = map(_as_index_array, (targets, logit_lengths, target_lengths))
         check_lengths_and_labels(targets_np, logit_lengths_np, target_lengths_np, shape)
         logits_c = logits.contiguous()
-        logits_np = logits_c.detach().numpy()
+        logits_np = _logits_for_kernels(logits_c)
         B, T, U1, _ = logits_np.shape
-        costs = np.empty(B, dtype=logits_np.dtype)
+        costs = np.empty(B, dtype=cpu.compute_dtype(logits_np.dtype))
         residuals = cpu.allocate_residuals(B, T, U1, logits_np.dtype)
         cpu.forward(logits_np, targets_np, logit_lengths_np, target_lengths_np, shape.blank, fused_log_softmax,
                     fastemit_lambda, costs, residuals)
-        loss = torch.empty((B,) if reduction == "none" else (), dtype=logits.dtype)
-        reduce_costs(costs[None], target_lengths_np[None], reduction, loss.numpy()[None])
+        loss = np.empty((B,) if reduction == "none" else (), dtype=costs.dtype)
+        reduce_costs(costs[None], target_lengths_np[None], reduction, loss[None])
+        loss = torch.from_numpy(loss)
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(logits_c)
             ctx.kernel_args = (targets_np, logit_lengths_np, target_lengths_np, shape.blank, fused_log_softmax,
@@ -68,14 +83,73 @@ class _RNNTLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         (logits,) = ctx.saved_tensors
         targets, logit_lengths, target_lengths, blank, fused, fastemit_lambda, clamp = ctx.kernel_args
-        logits_np = logits.detach().numpy()
+        logits_np = _logits_for_kernels(logits)
         grad_scale = gradient_scale(grad_loss.detach().numpy()[None], target_lengths[None], ctx.reduction)[0]
         # numpy asks the kernel for transparent huge pages on large buffers (torch does not): first-touch
         # page faults on a fresh gradient then cost ~4x less. The tensor shares the numpy memory.
         grads = np.empty_like(logits_np)
         cpu.backward(logits_np, targets, logit_lengths, target_lengths, blank, fused, fastemit_lambda, clamp,
                      grad_scale, ctx.residuals, grads)
-        return torch.from_numpy(grads), None, None, None, None, None, None, None, None
+        return _tensor_from_kernel_array(grads, logits.dtype), None, None, None, None, None, None, None, None
+
+
+class _RNNTLossCUDAFunction(torch.autograd.Function):
+    """:class:`_RNNTLossFunction` for CUDA tensors: the ``rnnt_xla.kernels.cuda`` kernels on the tensors'
+    memory (``__cuda_array_interface__``, no copies), launched on the current stream. The lengths and labels
+    (``B*(W + 2)`` values) are copied to the host for validation, the ``B`` costs for the shared reduction
+    and the incoming gradient for the per-utterance scale; residuals, betas and gradient stay on the GPU, in
+    tensors from torch's allocator."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, logit_lengths, target_lengths, shape, reduction, fused_log_softmax,
+                fastemit_lambda, clamp):
+        shape: LossShape
+        host = [_as_index_array(t.cpu()) for t in (targets, logit_lengths, target_lengths)]
+        check_lengths_and_labels(*host, shape)
+        device = logits.device
+        # The kernels take int32 or int64 indices; one dtype for the three keeps the compiled variants few.
+        index_dtype = torch.int64 if torch.int64 in (targets.dtype, logit_lengths.dtype, target_lengths.dtype) \
+            else torch.int32
+        indices = [t.detach().to(index_dtype).contiguous() for t in (targets, logit_lengths, target_lengths)]
+        logits_c = logits.contiguous()
+        B, T, U1, _ = logits_c.shape
+        residuals = cpu.Residuals(*(torch.empty(size, dtype=getattr(torch, dtype.name), device=device)
+                                    for size, dtype in cpu.residual_shapes(B, T, U1, _numpy_dtype(logits))))
+        costs = torch.empty(B, dtype=logits.dtype, device=device)
+        with torch.cuda.device(device):  # Numba works in the current device's context
+            cuda_kernels.forward(logits_c.detach(), *indices, shape.blank, fused_log_softmax, fastemit_lambda,
+                                 costs, residuals, stream=torch.cuda.current_stream(device).cuda_stream)
+        loss = torch.empty((B,) if reduction == "none" else (), dtype=logits.dtype)
+        reduce_costs(costs.cpu().numpy()[None], host[2][None], reduction, loss.numpy()[None])
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(logits_c)
+            ctx.kernel_args = (*indices, shape.blank, fused_log_softmax, fastemit_lambda, clamp)
+            ctx.host_target_lengths = host[2]
+            ctx.reduction = reduction
+            ctx.residuals = residuals
+        return loss.to(device)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        (logits,) = ctx.saved_tensors
+        targets, logit_lengths, target_lengths, blank, fused, fastemit_lambda, clamp = ctx.kernel_args
+        device = logits.device
+        scale = gradient_scale(grad_loss.detach().cpu().numpy()[None], ctx.host_target_lengths[None],
+                               ctx.reduction)[0]
+        B, T, U1, _ = logits.shape
+        grad_scale = torch.from_numpy(scale).to(device)
+        betas = torch.empty((B, T, U1), dtype=torch.float64, device=device)
+        grads = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        with torch.cuda.device(device):
+            cuda_kernels.backward(logits.detach(), targets, logit_lengths, target_lengths, blank, fused,
+                                  fastemit_lambda, clamp, grad_scale, ctx.residuals, grads,
+                                  stream=torch.cuda.current_stream(device).cuda_stream, betas=betas)
+        return grads, None, None, None, None, None, None, None, None
+
+
+def _numpy_dtype(tensor: torch.Tensor) -> np.dtype:
+    return np.dtype(str(tensor.dtype).removeprefix("torch."))
 
 
 def rnnt_loss(
@@ -92,8 +166,9 @@ def rnnt_loss(
     """RNN-Transducer loss (Graves, 2012), torchaudio-compatible, with FastEmit.
 
     Args:
-        logits: ``(B, T, U+1, V)`` float32/float64 joiner output (unnormalised scores; log-probabilities
-            if ``fused_log_softmax=False``).
+        logits: ``(B, T, U+1, V)`` float32/float64/float16/bfloat16 joiner output (unnormalised scores;
+            log-probabilities if ``fused_log_softmax=False``). 16-bit logits are read in their dtype and
+            computed in float32; their gradient is written in their dtype.
         targets: ``(B, W)`` int32/int64 labels, ``W >= max(target_lengths)``; columns past each target
             length are ignored whatever they hold.
         logit_lengths: ``(B,)`` int32/int64 frames per utterance, in ``[1, T]``.
@@ -108,7 +183,7 @@ def rnnt_loss(
             transitions' gradient is scaled by ``1 + lambda``.
 
     Returns:
-        ``(B,)`` costs for ``"none"``, else a scalar, in the dtype of ``logits``.
+        ``(B,)`` costs for ``"none"``, else a scalar: float64 for float64 logits, else float32.
 
     Raises:
         TypeError, ValueError: on any invalid argument, naming it, before any computation.
@@ -117,8 +192,11 @@ def rnnt_loss(
                                          (logits, targets, logit_lengths, target_lengths))]
     shape = check_arguments(*specs, blank=blank, clamp=clamp, reduction=reduction,
                             fused_log_softmax=fused_log_softmax, fastemit_lambda=fastemit_lambda)
+    if logits.device.type == "cuda":  # check_arguments has put every input on the same device
+        return _RNNTLossCUDAFunction.apply(logits, targets, logit_lengths, target_lengths, shape, reduction,
+                                           bool(fused_log_softmax), float(fastemit_lambda), float(clamp))
     if logits.device.type != "cpu":
-        raise ValueError(f"logits must be on the CPU in this version of rnnt_xla, got device {logits.device}")
+        raise ValueError(f"logits must be on the CPU or a CUDA device, got device {logits.device}")
     return _RNNTLossFunction.apply(logits, targets, logit_lengths, target_lengths, shape, reduction,
                                    bool(fused_log_softmax), float(fastemit_lambda), float(clamp))
 

@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 REDUCTIONS = ("none", "sum", "mean", "mean_by_target_length")
-LOGIT_DTYPES = ("float32", "float64")
+LOGIT_DTYPES = ("float32", "float64", "float16", "bfloat16")
 INDEX_DTYPES = ("int32", "int64")
 
 

@@ -11,7 +11,8 @@ The loss is computed in four passes, none of which materialises a ``B*T*(U+1)*V`
 
 Array arguments (``B`` batch, ``T`` max frames, ``U1 = U + 1`` label positions, ``V`` vocabulary):
 
-- ``logits: (B, T, U1, V)`` float32/float64, C-contiguous;
+- ``logits: (B, T, U1, V)`` float32/float64, or float16/bfloat16 as bits (:func:`as_kernel_array`),
+  C-contiguous; 16-bit logits are computed in float32 and their gradient written back in 16 bits;
 - ``targets: (B, W)`` int64; ``logit_lengths``, ``target_lengths: (B,)`` int64 (already validated);
 - residuals of the forward pass, see :class:`Residuals`.
 
@@ -30,10 +31,13 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .fast_math import cast_like, fast_exp
+from .fast_math import cast_like, fast_exp, load, store
 
 __all__ = [
     "Residuals",
+    "as_kernel_array",
+    "compute_dtype",
+    "residual_shapes",
     "allocate_residuals",
     "forward",
     "backward",
@@ -66,7 +70,7 @@ def _parallel_section():
 class Residuals(NamedTuple):
     """What the forward pass leaves for the backward pass, ``O(B*T*U)`` memory in all.
 
-    - ``log_norm: (B, T, U1)`` logits dtype: log-sum-exp of each row (0 without fused log-softmax);
+    - ``log_norm: (B, T, U1)`` compute dtype: log-sum-exp of each row (0 without fused log-softmax);
     - ``log_blank: (B, T, U1)`` float64: log-probability of the blank at ``(b, t, u)``;
     - ``log_emit: (B, T, U1)`` float64: log-probability of label ``targets[b, u]`` at ``(b, t, u)``;
     - ``alphas: (B, T, U1)`` float64: forward variables;
@@ -80,13 +84,28 @@ class Residuals(NamedTuple):
     log_likelihood: np.ndarray
 
 
+# 16-bit floats reach the kernels as raw bits (Numba has no 16-bit float): float16 as uint16, bfloat16 as int16.
+_BITS_OF = {"float16": np.dtype(np.uint16), "bfloat16": np.dtype(np.int16)}
+
+
+def as_kernel_array(array: np.ndarray) -> np.ndarray:
+    """The array the kernels take for ``array``: itself, or a same-memory bits view for float16/bfloat16."""
+    bits = _BITS_OF.get(array.dtype.name)
+    return array if bits is None else array.view(bits)
+
+
+def compute_dtype(dtype) -> np.dtype:
+    """Arithmetic dtype of the kernels for logits of ``dtype`` (also the dtype of the costs): float64 for
+    float64, float32 for everything narrower (float32, float16, bfloat16 and their bits views)."""
+    return np.dtype(np.float64 if np.dtype(dtype) == np.float64 else np.float32)
+
+
 def residual_shapes(batch: int, frames: int, positions: int, dtype: np.dtype) -> Residuals:
-    """``(shape, dtype)`` of each residual array, for adapters that allocate them in their framework."""
+    """``(shape, dtype)`` of each residual array for logits of ``dtype``, for adapters that allocate them
+    in their framework."""
     grid = (batch, frames, positions)
     f64 = np.dtype(np.float64)
-    return Residuals(
-        (grid, np.dtype(dtype)), (grid, f64), (grid, f64), (grid, f64), ((batch,), f64)
-    )
+    return Residuals((grid, compute_dtype(dtype)), (grid, f64), (grid, f64), (grid, f64), ((batch,), f64))
 
 
 def allocate_residuals(batch: int, frames: int, positions: int, dtype: np.dtype) -> Residuals:
@@ -99,20 +118,23 @@ def _row_max(row):
     """Maximum of a 1-d array (NaNs skipped). Eight independent running maxima let LLVM use one SIMD
     max per eight elements; a single running maximum is a serial dependency chain (2x slower here)."""
     V = row.shape[0]
-    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = row[0]
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = load(row, 0)
     end = V - V % 8
     for i in range(0, end, 8):
-        m0 = row[i] if row[i] > m0 else m0
-        m1 = row[i + 1] if row[i + 1] > m1 else m1
-        m2 = row[i + 2] if row[i + 2] > m2 else m2
-        m3 = row[i + 3] if row[i + 3] > m3 else m3
-        m4 = row[i + 4] if row[i + 4] > m4 else m4
-        m5 = row[i + 5] if row[i + 5] > m5 else m5
-        m6 = row[i + 6] if row[i + 6] > m6 else m6
-        m7 = row[i + 7] if row[i + 7] > m7 else m7
+        x0, x1, x2, x3 = load(row, i), load(row, i + 1), load(row, i + 2), load(row, i + 3)
+        x4, x5, x6, x7 = load(row, i + 4), load(row, i + 5), load(row, i + 6), load(row, i + 7)
+        m0 = x0 if x0 > m0 else m0
+        m1 = x1 if x1 > m1 else m1
+        m2 = x2 if x2 > m2 else m2
+        m3 = x3 if x3 > m3 else m3
+        m4 = x4 if x4 > m4 else m4
+        m5 = x5 if x5 > m5 else m5
+        m6 = x6 if x6 > m6 else m6
+        m7 = x7 if x7 > m7 else m7
     m = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
     for v in range(end, V):
-        m = row[v] if row[v] > m else m
+        x = load(row, v)
+        m = x if x > m else m
     return m
 
 
@@ -128,19 +150,19 @@ def log_normalizers(logits, targets, logit_lengths, target_lengths, blank, fused
             U_b = target_lengths[b]
             for u in range(U_b + 1):
                 row = logits[b, t, u]
-                lse = row[0] * 0
+                lse = load(row, 0) * 0
                 if fused_log_softmax:
                     m = _row_max(row)
                     if m == -np.inf:  # every entry masked: keep the row at -inf instead of NaN
                         lse = m
                     else:
-                        s = row[0] * 0
+                        s = lse
                         for v in range(V):
-                            s += fast_exp(row[v] - m)
+                            s += fast_exp(load(row, v) - m)
                         lse = m + math.log(s)
                 log_norm[b, t, u] = lse
-                log_blank[b, t, u] = np.float64(row[blank]) - lse
-                log_emit[b, t, u] = np.float64(row[targets[b, u]]) - lse if u < U_b else -np.inf
+                log_blank[b, t, u] = np.float64(load(row, blank)) - lse
+                log_emit[b, t, u] = np.float64(load(row, targets[b, u])) - lse if u < U_b else -np.inf
 
 
 @njit
@@ -232,27 +254,26 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, fused_log_s
             row = logits[b, t, u]
             if fused_log_softmax:
                 occupancy = p_blank + emit
-                norm = log_norm[b, t, u]
-                occ = cast_like(occupancy, g)
-                lim = cast_like(limit, g)
-                sc = cast_like(scale, g)
+                norm = log_norm[b, t, u]  # in the compute dtype: float32 for 16-bit logits
+                occ = cast_like(occupancy, log_norm)
+                lim = cast_like(limit, log_norm)
+                sc = cast_like(scale, log_norm)
                 for v in range(V):
-                    x = fast_exp(row[v] - norm) * occ
+                    x = fast_exp(load(row, v) - norm) * occ
                     x = lim if x > lim else x
                     x = -lim if x < -lim else x
-                    g[v] = x * sc
-                p_blank_softmax = math.exp(row[blank] - norm)
-                g_blank = p_blank_softmax * occupancy - p_blank
-                g_label = math.exp(row[label] - norm) * occupancy - emit
+                    store(g, v, x * sc)
+                g_blank = math.exp(load(row, blank) - norm) * occupancy - p_blank
+                g_label = math.exp(load(row, label) - norm) * occupancy - emit
             else:
                 g[:] = 0
                 g_blank = -p_blank
                 g_label = -emit
             if u < U_b and label == blank:  # a label equal to blank: both transitions use the entry
                 g_blank -= emit
-            g[blank] = min(max(g_blank, -limit), limit) * scale
+            store(g, blank, min(max(g_blank, -limit), limit) * scale)
             if u < U_b and label != blank:
-                g[label] = min(max(g_label, -limit), limit) * scale
+                store(g, label, min(max(g_label, -limit), limit) * scale)
 
 
 def forward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray, target_lengths: np.ndarray,

@@ -12,10 +12,10 @@ import math
 
 import numpy as np
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.extending import intrinsic, overload
 
-__all__ = ["fast_exp", "cast_like"]
+__all__ = ["fast_exp", "cast_like", "load", "store"]
 
 _LOG2E = np.float32(1.44269504088896341)
 _LN2_HI = np.float32(0.693359375)
@@ -96,3 +96,88 @@ def _cast_like_overload(value, array):
         return target(value)
 
     return impl
+
+
+# 16-bit logits and gradients. Numba has no 16-bit float type on the CPU, so they travel as raw bits:
+# IEEE float16 as uint16 and bfloat16 as int16 (see ``as_kernel_array``); ``load`` and ``store`` convert
+# to and from float32 element by element, in code LLVM vectorises (F16C for float16, shifts for bfloat16).
+
+@intrinsic
+def _float32_from_half_bits(typingctx, bits):
+    if bits != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _half_bits_from_float32(typingctx, value):
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def _bits_of_float32(typingctx, value):
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+@njit
+def _bfloat16_to_float32(bits):
+    return _float32_from_bits(np.int32((np.int32(bits) & 0xFFFF) << 16))
+
+
+@njit
+def _float32_to_bfloat16(value):
+    x = np.float32(value)
+    bits = np.int64(_bits_of_float32(x)) & 0xFFFFFFFF
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round to nearest, ties to even
+    return np.int16(0x7FC0 if x != x else rounded)  # a truncating cast: keeps the low 16 bits
+
+
+def load(array, index):  # pragma: no cover - replaced by the overload inside jitted code
+    """``array[index]`` as a float: float32 for 16-bit logits (uint16: float16 bits, int16: bfloat16 bits)."""
+    raise TypeError("load is only available inside numba-jitted functions")
+
+
+def store(array, index, value):  # pragma: no cover - replaced by the overload inside jitted code
+    """``array[index] = value``, rounding to float16/bfloat16 bits for 16-bit arrays."""
+    raise TypeError("store is only available inside numba-jitted functions")
+
+
+@overload(load)
+def _load_overload(array, index):
+    if array.dtype == types.uint16:
+        return lambda array, index: _float32_from_half_bits(array[index])
+    if array.dtype == types.int16:
+        return lambda array, index: _bfloat16_to_float32(array[index])
+    return lambda array, index: array[index]
+
+
+@overload(store)
+def _store_overload(array, index, value):
+    if array.dtype == types.uint16:
+        def store_half(array, index, value):
+            array[index] = _half_bits_from_float32(np.float32(value))
+        return store_half
+    if array.dtype == types.int16:
+        def store_bfloat16(array, index, value):
+            array[index] = _float32_to_bfloat16(value)
+        return store_bfloat16
+
+    def store_float(array, index, value):
+        array[index] = value
+    return store_float
