@@ -1,0 +1,465 @@
+"""RNNT loss on NVIDIA GPUs: ``numba.cuda`` kernels over device arrays (no framework imports).
+
+The CUDA twin of :mod:`rnnt_xla.kernels.cpu`: the same four passes, semantics, argument order and
+:class:`~rnnt_xla.kernels.cpu.Residuals` layout, so adapters call either backend the same way. Arrays are
+anything with ``__cuda_array_interface__`` (torch CUDA tensors, JAX GPU callback buffers, Numba device
+arrays); they are used in place, never copied. Every launch goes on the caller's stream (``stream``: a
+``CUstream`` handle as an int, e.g. ``torch.cuda.current_stream().cuda_stream`` or a JAX callback's
+``ctx.stream``; or a Numba stream; ``None`` is the legacy default stream).
+
+Kernels (``B`` batch, ``T`` max frames, ``U1 = U + 1`` label positions, ``V`` vocabulary):
+
+1. :func:`log_normalizers`: one block per ``(b, t, u)`` row, threads strided over ``V`` (coalesced), the row
+   maximum and the sum of exponentials reduced through shared memory; thread 0 writes the row's
+   log-normaliser and its blank and next-label log-probabilities. Rows outside an utterance are skipped.
+2. :func:`alphas_and_costs`: one block per utterance, threads over ``u``, a wavefront over the
+   anti-diagonals ``t + u = n`` (every cell of a diagonal depends only on the previous one), one
+   ``syncthreads`` per diagonal; thread 0 then writes ``log P(y|x)`` and the cost.
+3. :func:`betas`: the same wavefront, backwards.
+4. :func:`gradients`: one block per ``(b, t, u)`` row, threads strided over ``V``: each thread computes the
+   row's two transition posteriors (a few loads shared by the block through the cache) and writes its
+   entries once, clamped and scaled. Padded rows are written with exact zeros.
+
+Precision: the passes over ``V`` compute in the logits' dtype (float32 or float64), as the CPU kernels do;
+the lattice (residuals, alphas, betas, posteriors) is float64, as the residual layout requires. Only the
+gradient buffer is ``B*T*U1*V``; the backward pass needs one ``(B, T, U1)`` float64 workspace for the betas.
+
+``numba.cuda`` is imported on first use, so this module imports without numba-cuda or a GPU. Kernels are
+compiled on first launch for each logits dtype (and index dtype), then cached by Numba for the process.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .cpu import Residuals, residual_shapes
+
+__all__ = [
+    "Residuals",
+    "residual_shapes",
+    "available",
+    "forward",
+    "backward",
+    "compile_ptx",
+    "kernel_signatures",
+    "on_device",
+    "device_view",
+    "empty",
+    "to_host",
+    "copy_from_host",
+]
+
+# Threads per block: at least one warp; row kernels reduce through a shared array of _MAX_ROW_THREADS.
+_MIN_THREADS = 32
+_MAX_ROW_THREADS = 256
+_MAX_LATTICE_THREADS = 1024
+
+
+# ``numba.cuda``, bound by :func:`_numba_cuda` on first use. The kernels must reach it as a module global:
+# the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) swaps the globals that hold it for its fake module.
+cuda: Any = None
+
+
+def _numba_cuda() -> Any:
+    """Import ``numba.cuda`` and bind the module global; ImportError with the fix when it is missing."""
+    global cuda
+    if cuda is None:
+        try:
+            from numba import cuda as module
+        except ImportError as error:
+            raise ImportError("rnnt_xla's CUDA kernels need numba-cuda: pip install 'numba-cuda[cu13]' "
+                              "(or 'numba-cuda[cu12]' for a CUDA 12 driver); then run python -m rnnt_xla doctor"
+                              ) from error
+        cuda = module
+    return cuda
+
+
+def available() -> bool:
+    """Whether numba-cuda is installed and sees a usable GPU (never raises)."""
+    try:
+        return bool(_numba_cuda().is_available())
+    except Exception:  # numba-cuda missing, or its bindings or driver fail to load
+        return False
+
+
+class _Kernels(NamedTuple):
+    """The four compiled kernels of one logits dtype (Numba dispatchers, specialised lazily)."""
+
+    log_normalizers: Any
+    alphas_and_costs: Any
+    betas: Any
+    gradients: Any
+
+
+def _python_kernels(dtype: np.dtype) -> _Kernels:
+    """The kernels of one logits dtype as plain Python functions (for ``cuda.jit`` or ``compile_ptx``).
+
+    They are closures over ``float_t`` (the logits' scalar type, which types the shared reduction array
+    and the casts) and use the module global ``cuda``. The
+    device helpers are inlined in Numba IR (``inline="always"``): a separately compiled device function
+    would be compiled for the current GPU, which breaks ``compile_ptx`` on machines without one.
+    """
+    _numba_cuda()
+    float_t = np.dtype(dtype).type
+    neg_inf = -math.inf
+
+    @cuda.jit(device=True, inline="always")
+    def block_max(value, scratch):
+        """Maximum of ``value`` over the block (power-of-two size), returned to every thread."""
+        tid = cuda.threadIdx.x
+        scratch[tid] = value
+        cuda.syncthreads()
+        stride = cuda.blockDim.x // 2
+        while stride > 0:
+            if tid < stride and scratch[tid + stride] > scratch[tid]:
+                scratch[tid] = scratch[tid + stride]
+            cuda.syncthreads()
+            stride //= 2
+        result = scratch[0]
+        cuda.syncthreads()  # scratch is reused by the next reduction
+        return result
+
+    @cuda.jit(device=True, inline="always")
+    def block_sum(value, scratch):
+        """Sum of ``value`` over the block (power-of-two size), returned to every thread."""
+        tid = cuda.threadIdx.x
+        scratch[tid] = value
+        cuda.syncthreads()
+        stride = cuda.blockDim.x // 2
+        while stride > 0:
+            if tid < stride:
+                scratch[tid] += scratch[tid + stride]
+            cuda.syncthreads()
+            stride //= 2
+        result = scratch[0]
+        cuda.syncthreads()
+        return result
+
+    @cuda.jit(device=True, inline="always")
+    def log_add(a, b):
+        """``log(exp(a) + exp(b))`` in float64, exact for infinite arguments (as the CPU kernels)."""
+        if a < b:
+            a, b = b, a
+        if b == neg_inf:
+            return a
+        return a + math.log1p(math.exp(b - a))
+
+    def log_normalizers(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax,
+                        log_norm, log_blank, log_emit):
+        """Pass 1, grid ``B*T*U1`` blocks: log-normaliser, blank and label log-probabilities of a row."""
+        scratch = cuda.shared.array(_MAX_ROW_THREADS, float_t)
+        B, T, U1, V = logits.shape
+        row_id = cuda.blockIdx.x
+        b = row_id // (T * U1)
+        t = row_id // U1 - b * T
+        u = row_id - (b * T + t) * U1
+        U_b = target_lengths[b]
+        if t >= logit_lengths[b] or u > U_b:  # the whole block leaves: no syncthreads is skipped
+            return
+        tid = cuda.threadIdx.x
+        threads = cuda.blockDim.x
+        row = logits[b, t, u]
+        lse = float_t(0)
+        if fused_log_softmax:
+            m = row[0]
+            for v in range(tid, V, threads):
+                if row[v] > m:
+                    m = row[v]
+            m = block_max(m, scratch)
+            if m == neg_inf:  # every entry masked: keep the row at -inf instead of NaN
+                lse = m
+            else:
+                s = float_t(0)
+                for v in range(tid, V, threads):
+                    s += math.exp(row[v] - m)
+                lse = m + math.log(block_sum(s, scratch))
+        if tid == 0:
+            log_norm[b, t, u] = lse
+            log_blank[b, t, u] = np.float64(row[blank]) - lse
+            log_emit[b, t, u] = np.float64(row[targets[b, u]]) - lse if u < U_b else neg_inf
+
+    def alphas_and_costs(log_blank, log_emit, logit_lengths, target_lengths, fastemit_lambda,
+                         alphas, log_likelihood, costs):
+        """Pass 2, grid ``B`` blocks: forward variables by anti-diagonals, ``log P(y|x)`` and the cost."""
+        b = cuda.blockIdx.x
+        tid = cuda.threadIdx.x
+        threads = cuda.blockDim.x
+        T_b = logit_lengths[b]
+        U_b = target_lengths[b]
+        for n in range(T_b + U_b):
+            for u in range(tid, U_b + 1, threads):
+                t = n - u
+                if 0 <= t < T_b:
+                    if t == 0:
+                        a = 0.0 if u == 0 else alphas[b, 0, u - 1] + log_emit[b, 0, u - 1]
+                    elif u == 0:
+                        a = alphas[b, t - 1, 0] + log_blank[b, t - 1, 0]
+                    else:
+                        a = log_add(alphas[b, t - 1, u] + log_blank[b, t - 1, u],
+                                    alphas[b, t, u - 1] + log_emit[b, t, u - 1])
+                    alphas[b, t, u] = a
+            cuda.syncthreads()  # the next diagonal reads this one (global writes are block-visible)
+        if tid == 0:
+            ll = alphas[b, T_b - 1, U_b] + log_blank[b, T_b - 1, U_b]
+            log_likelihood[b] = ll
+            costs[b] = -(1.0 + fastemit_lambda) * ll
+
+    def betas(log_blank, log_emit, logit_lengths, target_lengths, out):
+        """Pass 3, grid ``B`` blocks: backward variables ``out: (B, T, U1)`` float64 by anti-diagonals."""
+        b = cuda.blockIdx.x
+        tid = cuda.threadIdx.x
+        threads = cuda.blockDim.x
+        T_b = logit_lengths[b]
+        U_b = target_lengths[b]
+        for n in range(T_b + U_b - 1, -1, -1):
+            for u in range(tid, U_b + 1, threads):
+                t = n - u
+                if 0 <= t < T_b:
+                    if t == T_b - 1:
+                        if u == U_b:
+                            out[b, t, u] = log_blank[b, t, u]
+                        else:
+                            out[b, t, u] = out[b, t, u + 1] + log_emit[b, t, u]
+                    elif u == U_b:
+                        out[b, t, u] = out[b, t + 1, u] + log_blank[b, t, u]
+                    else:
+                        out[b, t, u] = log_add(out[b, t + 1, u] + log_blank[b, t, u],
+                                               out[b, t, u + 1] + log_emit[b, t, u])
+            cuda.syncthreads()
+
+    def gradients(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, fastemit_lambda,
+                  clamp, grad_scale, log_norm, log_blank, log_emit, alphas, betas, log_likelihood, grads):
+        """Pass 4, grid ``B*T*U1`` blocks: ``grads[b] = clip(d cost_b / d logits[b], -clamp, clamp) *
+        grad_scale[b]``, one write per entry (formulas in :func:`rnnt_xla.kernels.cpu.gradients`)."""
+        B, T, U1, V = logits.shape
+        row_id = cuda.blockIdx.x
+        b = row_id // (T * U1)
+        t = row_id // U1 - b * T
+        u = row_id - (b * T + t) * U1
+        tid = cuda.threadIdx.x
+        threads = cuda.blockDim.x
+        T_b = logit_lengths[b]
+        U_b = target_lengths[b]
+        g = grads[b, t, u]
+        if t >= T_b or u > U_b:
+            for v in range(tid, V, threads):
+                g[v] = float_t(0)
+            return
+        # The row's transition posteriors, in float64; every thread of the block computes the same values.
+        ll = log_likelihood[b]
+        alpha = alphas[b, t, u]
+        if t < T_b - 1:
+            p_blank = math.exp(alpha + log_blank[b, t, u] + betas[b, t + 1, u] - ll)
+        elif u == U_b:  # the final blank, which ends the lattice
+            p_blank = math.exp(alpha + log_blank[b, t, u] - ll)
+        else:
+            p_blank = 0.0
+        if u < U_b:
+            label = targets[b, u]
+            p_label = math.exp(alpha + log_emit[b, t, u] + betas[b, t, u + 1] - ll)
+        else:
+            label = blank
+            p_label = 0.0
+        emit = (1.0 + fastemit_lambda) * p_label
+        limit = clamp if clamp > 0 else math.inf
+        row = logits[b, t, u]
+        norm = log_norm[b, t, u]
+        if fused_log_softmax:
+            occupancy = p_blank + emit
+            g_blank = math.exp(row[blank] - norm) * occupancy - p_blank
+            g_label = math.exp(row[label] - norm) * occupancy - emit
+        else:
+            occupancy = 0.0
+            g_blank = -p_blank
+            g_label = -emit
+        if u < U_b and label == blank:  # a label equal to blank: both transitions use the entry
+            g_blank -= emit
+        scale = grad_scale[b]
+        blank_value = float_t(min(max(g_blank, -limit), limit) * scale)
+        label_value = float_t(min(max(g_label, -limit), limit) * scale)
+        label_entry = label if u < U_b and label != blank else -1
+        occ = float_t(occupancy)
+        lim = float_t(limit)
+        sc = float_t(scale)
+        for v in range(tid, V, threads):
+            if v == blank:
+                g[v] = blank_value
+            elif v == label_entry:
+                g[v] = label_value
+            elif fused_log_softmax:
+                x = math.exp(row[v] - norm) * occ
+                g[v] = min(max(x, -lim), lim) * sc
+            else:
+                g[v] = float_t(0)
+
+    return _Kernels(log_normalizers, alphas_and_costs, betas, gradients)
+
+
+@functools.cache
+def _kernels(dtype: np.dtype) -> _Kernels:
+    """The kernels of one logits dtype as lazily compiling ``cuda.jit`` dispatchers (cached)."""
+    if np.dtype(dtype) not in (np.float32, np.float64):
+        raise TypeError(f"the CUDA kernels take float32 or float64 logits, got {np.dtype(dtype)}")
+    return _Kernels(*(cuda.jit(f) for f in _python_kernels(np.dtype(dtype))))
+
+
+def kernel_signatures(dtype: np.dtype, index_dtype: np.dtype) -> _Kernels:
+    """Numba signature of each kernel for C-contiguous arrays of the given logits and index dtypes."""
+    from numba import types
+    from numba.np.numpy_support import from_dtype
+
+    f = from_dtype(np.dtype(dtype))
+    i = from_dtype(np.dtype(index_dtype))
+    f64 = types.float64
+
+    def array(dt, ndim):
+        return types.Array(dt, ndim, "C")
+
+    indices = (array(i, 2), array(i, 1), array(i, 1))
+    grid = (array(f, 3), array(f64, 3), array(f64, 3))  # log_norm, log_blank, log_emit
+    return _Kernels(
+        log_normalizers=(array(f, 4), *indices, types.int64, types.boolean, *grid),
+        alphas_and_costs=(array(f64, 3), array(f64, 3), *indices[1:], f64, array(f64, 3), array(f64, 1),
+                          array(f, 1)),
+        betas=(array(f64, 3), array(f64, 3), *indices[1:], array(f64, 3)),
+        gradients=(array(f, 4), *indices, types.int64, types.boolean, f64, f64, array(f64, 1), *grid,
+                   array(f64, 3), array(f64, 3), array(f64, 1), array(f, 4)),
+    )
+
+
+def compile_ptx(dtype: np.dtype, index_dtype: np.dtype, cc: tuple[int, int]) -> dict[str, str]:
+    """PTX of every kernel for compute capability ``cc``, without a GPU (``numba.cuda.compile_ptx``)."""
+    _numba_cuda()
+    signatures = kernel_signatures(dtype, index_dtype)
+    return {name: cuda.compile_ptx(pyfunc, signature, cc=cc)[0]
+            for name, pyfunc, signature in zip(_Kernels._fields, _python_kernels(dtype), signatures)}
+
+
+def _threads(n: int, most: int) -> int:
+    """Block size: the smallest power of two >= n within [one warp, most]."""
+    threads = _MIN_THREADS
+    while threads < n and threads < most:
+        threads *= 2
+    return threads
+
+
+def _device(array: Any) -> Any:
+    """A Numba device array viewing ``array``'s memory (no copy, no synchronisation)."""
+    if getattr(array, "__cuda_ndarray__", False):  # already a Numba (or simulator) device array
+        return array
+    return _numba_cuda().as_cuda_array(array, sync=False)  # we launch on the caller's stream: nothing to wait for
+
+
+def _stream(stream: Any) -> Any:
+    """A Numba stream for ``stream`` (int handle, Numba stream or None for the legacy default stream)."""
+    if stream is None or (isinstance(stream, int) and stream == 0):
+        return 0
+    if isinstance(stream, int):
+        return _numba_cuda().external_stream(stream)
+    return stream
+
+
+def _synchronize(stream: Any) -> None:
+    """Wait for the work queued on a stream from :func:`_stream` (0: the legacy default stream)."""
+    (cuda.legacy_default_stream() if isinstance(stream, int) else stream).synchronize()
+
+
+def on_device(ordinal: int) -> Any:
+    """Context manager making GPU ``ordinal``'s primary context current, for Numba calls from threads (e.g. a
+    JAX callback's) where another device's context, or none, may be current."""
+    return _numba_cuda().gpus[ordinal]
+
+
+def device_view(array: Any, shape: tuple[int, ...], dtype: Any = None) -> Any:
+    """Zero-copy view of a C-contiguous device array with another ``shape`` (same size) and optionally
+    another ``dtype`` read from the same bytes, e.g. ``(..., 2)`` uint32 holding ``(...)`` float64."""
+    _numba_cuda()
+    view = _device(array)
+    if dtype is not None and np.dtype(dtype) != view.dtype:
+        view = view.view(np.dtype(dtype))  # reinterprets the last axis; the reshape below fixes the shape
+    return view.reshape(tuple(shape))
+
+
+def empty(shape: tuple[int, ...], dtype: Any, stream: Any = None) -> Any:
+    """Uninitialised Numba device array (Numba's allocator, not a framework's)."""
+    return _numba_cuda().device_array(tuple(shape), dtype=np.dtype(dtype), stream=_stream(stream))
+
+
+def to_host(array: Any, stream: Any = None) -> np.ndarray:
+    """A host copy of a device array once the work queued on ``stream`` is done (synchronises it)."""
+    _numba_cuda()
+    s = _stream(stream)
+    host = _device(array).copy_to_host(stream=s)
+    _synchronize(s)
+    return host
+
+
+def copy_from_host(host: np.ndarray, out: Any, stream: Any = None) -> None:
+    """Enqueue a copy of ``host`` (converted to the dtype of ``out``) into the device array ``out``."""
+    _numba_cuda()
+    out = _device(out)
+    # From pageable memory the copy is staged before the call returns, so ``host`` may be freed at once.
+    out.copy_to_device(np.ascontiguousarray(host, dtype=out.dtype).reshape(out.shape), stream=_stream(stream))
+
+
+def forward(logits: Any, targets: Any, logit_lengths: Any, target_lengths: Any, blank: int,
+            fused_log_softmax: bool, fastemit_lambda: float, costs: Any, residuals: Residuals,
+            stream: Any = None) -> None:
+    """Costs ``(B,)`` (logits dtype) into ``costs`` and the forward residuals into ``residuals``, all
+    caller-allocated device arrays (layout of :func:`rnnt_xla.kernels.cpu.residual_shapes`).
+
+    ``logits: (B, T, U1, V)`` float32/float64; ``targets: (B, W)``, ``logit_lengths``, ``target_lengths:
+    (B,)`` int32/int64, validated; all C-contiguous on one GPU. Asynchronous on ``stream``.
+    """
+    _numba_cuda()
+    logits, targets, logit_lengths, target_lengths, costs = map(
+        _device, (logits, targets, logit_lengths, target_lengths, costs))
+    res = Residuals(*map(_device, residuals))
+    kernels = _kernels(logits.dtype)
+    s = _stream(stream)
+    B, T, U1, V = logits.shape
+    kernels.log_normalizers[B * T * U1, _threads(V, _MAX_ROW_THREADS), s](
+        logits, targets, logit_lengths, target_lengths, blank, bool(fused_log_softmax),
+        res.log_norm, res.log_blank, res.log_emit)
+    kernels.alphas_and_costs[B, _threads(U1, _MAX_LATTICE_THREADS), s](
+        res.log_blank, res.log_emit, logit_lengths, target_lengths, float(fastemit_lambda),
+        res.alphas, res.log_likelihood, costs)
+
+
+def backward(logits: Any, targets: Any, logit_lengths: Any, target_lengths: Any, blank: int,
+             fused_log_softmax: bool, fastemit_lambda: float, clamp: float, grad_scale: Any,
+             residuals: Residuals, grads: Any, stream: Any = None, betas: Any = None) -> None:
+    """Gradient w.r.t. ``logits`` into ``grads`` (same shape and dtype, device), each utterance's gradient
+    clamped and then multiplied by ``grad_scale: (B,) float64`` (a device array, or a host numpy array
+    that is copied over).
+
+    ``betas`` is an optional ``(B, T, U1)`` float64 device workspace. When it is not given, or
+    ``grad_scale`` is on the host, this function allocates device memory itself (through Numba, outside
+    the framework's allocator) and synchronises ``stream`` before returning, so that the memory is not
+    freed under a running kernel. With both given it only enqueues work on ``stream``.
+    """
+    _numba_cuda()
+    logits, targets, logit_lengths, target_lengths, grads = map(
+        _device, (logits, targets, logit_lengths, target_lengths, grads))
+    res = Residuals(*map(_device, residuals))
+    kernels = _kernels(logits.dtype)
+    s = _stream(stream)
+    B, T, U1, V = logits.shape
+    owns_memory = betas is None or isinstance(grad_scale, np.ndarray)
+    if isinstance(grad_scale, np.ndarray):
+        grad_scale = cuda.to_device(np.ascontiguousarray(grad_scale, dtype=np.float64), stream=s)
+    else:
+        grad_scale = _device(grad_scale)
+    betas = cuda.device_array((B, T, U1), dtype=np.float64, stream=s) if betas is None else _device(betas)
+    kernels.betas[B, _threads(U1, _MAX_LATTICE_THREADS), s](
+        res.log_blank, res.log_emit, logit_lengths, target_lengths, betas)
+    kernels.gradients[B * T * U1, _threads(V, _MAX_ROW_THREADS), s](
+        logits, targets, logit_lengths, target_lengths, blank, bool(fused_log_softmax), float(fastemit_lambda),
+        float(clamp), grad_scale, res.log_norm, res.log_blank, res.log_emit, res.alphas, betas,
+        res.log_likelihood, grads)
+    if owns_memory:
+        _synchronize(s)
