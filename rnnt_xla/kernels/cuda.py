@@ -74,6 +74,9 @@ def _numba_cuda() -> Any:
             raise ImportError("rnnt_xla's CUDA kernels need numba-cuda: pip install 'numba-cuda[cu13]' "
                               "(or 'numba-cuda[cu12]' for a CUDA 12 driver); then run python -m rnnt_xla doctor"
                               ) from error
+        if getattr(module, "implementation", None) != "NVIDIA":  # Numba's deprecated built-in CUDA target
+            raise ImportError("rnnt_xla's CUDA kernels need the numba-cuda package, not Numba's built-in "
+                              "numba.cuda: pip install 'numba-cuda[cu13]' (or 'numba-cuda[cu12]')")
         cuda = module
     return cuda
 
