@@ -114,11 +114,13 @@ def _on_gpu(buffer) -> bool:
 
 
 def _fold_gpu(buffer, trailing: int, f64_pairs: bool = False):
-    """Like :func:`_fold` (or :func:`_fold_f64` with ``f64_pairs``) for a GPU buffer: a Numba device view."""
+    """Like :func:`_fold` (or :func:`_fold_f64` with ``f64_pairs``) for a GPU buffer: a Numba device view,
+    bfloat16 as its int16 bits (``cuda_kernels.kernel_dtype``)."""
     shape = tuple(buffer.shape[:-1] if f64_pairs else buffer.shape)
     split = len(shape) - trailing
     folded = (int(np.prod(shape[:split])),) + shape[split:]
-    return cuda_kernels.device_view(buffer, folded, np.float64 if f64_pairs else None)
+    bfloat16 = np.dtype(buffer.dtype).name == "bfloat16"
+    return cuda_kernels.device_view(buffer, folded, np.float64 if f64_pairs else np.int16 if bfloat16 else None)
 
 
 def _gpu_residuals(buffers) -> cpu.Residuals:

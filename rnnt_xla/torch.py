@@ -113,13 +113,15 @@ class _RNNTLossCUDAFunction(torch.autograd.Function):
         indices = [t.detach().to(index_dtype).contiguous() for t in (targets, logit_lengths, target_lengths)]
         logits_c = logits.contiguous()
         B, T, U1, _ = logits_c.shape
-        residuals = cpu.Residuals(*(torch.empty(size, dtype=getattr(torch, dtype.name), device=device)
-                                    for size, dtype in cpu.residual_shapes(B, T, U1, _numpy_dtype(logits))))
-        costs = torch.empty(B, dtype=logits.dtype, device=device)
+        dtype = cuda_kernels.kernel_dtype(str(logits.dtype).removeprefix("torch."))
+        residuals = cpu.Residuals(*(torch.empty(size, dtype=getattr(torch, dt.name), device=device)
+                                    for size, dt in cpu.residual_shapes(B, T, U1, dtype)))
+        costs = torch.empty(B, dtype=getattr(torch, cuda_kernels.compute_dtype(dtype).name), device=device)
         with torch.cuda.device(device):  # Numba works in the current device's context
-            cuda_kernels.forward(logits_c.detach(), *indices, shape.blank, fused_log_softmax, fastemit_lambda,
-                                 costs, residuals, stream=torch.cuda.current_stream(device).cuda_stream)
-        loss = torch.empty((B,) if reduction == "none" else (), dtype=logits.dtype)
+            cuda_kernels.forward(_cuda_kernel_view(logits_c), *indices, shape.blank, fused_log_softmax,
+                                 fastemit_lambda, costs, residuals,
+                                 stream=torch.cuda.current_stream(device).cuda_stream)
+        loss = torch.empty((B,) if reduction == "none" else (), dtype=costs.dtype)
         reduce_costs(costs.cpu().numpy()[None], host[2][None], reduction, loss.numpy()[None])
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(logits_c)
@@ -142,14 +144,17 @@ class _RNNTLossCUDAFunction(torch.autograd.Function):
         betas = torch.empty((B, T, U1), dtype=torch.float64, device=device)
         grads = torch.empty_like(logits, memory_format=torch.contiguous_format)
         with torch.cuda.device(device):
-            cuda_kernels.backward(logits.detach(), targets, logit_lengths, target_lengths, blank, fused,
-                                  fastemit_lambda, clamp, grad_scale, ctx.residuals, grads,
+            cuda_kernels.backward(_cuda_kernel_view(logits), targets, logit_lengths, target_lengths, blank, fused,
+                                  fastemit_lambda, clamp, grad_scale, ctx.residuals, _cuda_kernel_view(grads),
                                   stream=torch.cuda.current_stream(device).cuda_stream, betas=betas)
         return grads, None, None, None, None, None, None, None, None
 
 
-def _numpy_dtype(tensor: torch.Tensor) -> np.dtype:
-    return np.dtype(str(tensor.dtype).removeprefix("torch."))
+def _cuda_kernel_view(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor as the CUDA kernels take it (``cuda_kernels.kernel_dtype``): bfloat16 as its int16 bits
+    (same memory; neither Numba nor ``__cuda_array_interface__`` knows bfloat16), detached."""
+    tensor = tensor.detach()
+    return tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
 
 
 def rnnt_loss(

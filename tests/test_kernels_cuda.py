@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -66,8 +67,9 @@ class Case:
     tags: tuple[str, ...] = field(default=())
 
     def problem(self) -> Problem:
+        """The logits in ``dtype`` (float16 or ml_dtypes.bfloat16 for the 16-bit cases)."""
         rng = np.random.default_rng(self.seed)
-        p = random_problem(rng, self.B, self.T, self.U, self.V, dtype=np.dtype(self.dtype), blank=self.blank,
+        p = random_problem(rng, self.B, self.T, self.U, self.V, dtype=NUMPY_DTYPES[self.dtype], blank=self.blank,
                            extra_target_columns=self.extra_target_columns, index_dtype=np.dtype(self.index_dtype))
         if self.logit_lengths is not None:
             p.logit_lengths[:] = self.logit_lengths
@@ -82,7 +84,7 @@ class Case:
             p.blank = 0
             p.logits[..., self.V // 2:] = -np.inf
         if not self.fused:
-            p.logits = log_softmax(p.logits).astype(self.dtype)
+            p.logits = log_softmax(p.logits).astype(NUMPY_DTYPES[self.dtype])
         return p
 
     def scale(self) -> np.ndarray:
@@ -90,11 +92,15 @@ class Case:
 
     def reference(self) -> tuple[np.ndarray, np.ndarray]:
         p = self.problem()
-        costs, grads = rnnt_loss_reference(p.logits, p.targets, p.logit_lengths, p.target_lengths, blank=p.blank,
+        costs, grads = rnnt_loss_reference(p.logits.astype(np.float64), p.targets, p.logit_lengths, p.target_lengths, blank=p.blank,
                                            clamp=self.clamp, reduction="none", fused_log_softmax=self.fused,
                                            fastemit_lambda=self.fastemit_lambda)
         return costs, grads * self.scale()[:, None, None, None]
 
+
+NUMPY_DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64),
+                "float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+HALF_EPS = {"float16": 2.0**-11, "bfloat16": 2.0**-8}  # relative rounding error of a 16-bit gradient entry
 
 SIMULATOR_CASES = [
     Case("fused-blank-middle-fastemit-clamp", 3, 6, 4, 8, blank=3, fastemit_lambda=0.1, clamp=0.3),
@@ -111,6 +117,9 @@ SIMULATOR_CASES = [
     Case("grad-scale-device-workspace", 3, 4, 3, 5, blank=4, clamp=0.1, grad_scale=(0.5, -2.0, 0.0),
          device_workspace=True, seed=8),
     Case("labels-wider-than-block", 2, 3, 6, 5, blank=2, threads=2, seed=9),
+    Case("float16-fastemit-clamp", 2, 4, 3, 6, blank=1, dtype="float16", fastemit_lambda=0.1, clamp=0.2, seed=10),
+    Case("bfloat16-logprobs", 2, 4, 3, 6, blank=0, dtype="bfloat16", fused=False, seed=11),
+    Case("bfloat16-fused", 2, 4, 2, 5, blank=4, dtype="bfloat16", index_dtype="int64", seed=12),
 ]
 
 
@@ -122,13 +131,14 @@ def run_cuda(case: Case, problem: Problem | None = None) -> tuple[np.ndarray, np
     p = case.problem() if problem is None else problem
     B, T, U1, V = p.logits.shape
     indices = [cuda.to_device(np.ascontiguousarray(a)) for a in (p.targets, p.logit_lengths, p.target_lengths)]
-    logits = cuda.to_device(p.logits)
-    residuals = cpu.Residuals(*(cuda.to_device(np.full(shape, np.nan, dtype))
-                                for shape, dtype in cpu.residual_shapes(B, T, U1, p.logits.dtype)))
-    costs = cuda.to_device(np.full(B, np.nan, p.logits.dtype))
+    dtype = cuda_kernels.kernel_dtype(case.dtype)
+    logits = cuda.to_device(p.logits.view(dtype))  # bfloat16 as its int16 bits
+    residuals = cpu.Residuals(*(cuda.to_device(np.full(shape, np.nan, dt))
+                                for shape, dt in cpu.residual_shapes(B, T, U1, dtype)))
+    costs = cuda.to_device(np.full(B, np.nan, cuda_kernels.compute_dtype(dtype)))
     blank = p.blank % V
     cuda_kernels.forward(logits, *indices, blank, case.fused, case.fastemit_lambda, costs, residuals)
-    grads = cuda.to_device(np.full_like(p.logits, np.nan))
+    grads = cuda.to_device(np.full_like(p.logits, np.nan).view(dtype))
     scale = case.scale()
     if case.device_workspace:
         betas = cuda.to_device(np.full((B, T, U1), np.nan))
@@ -138,7 +148,8 @@ def run_cuda(case: Case, problem: Problem | None = None) -> tuple[np.ndarray, np
     else:
         cuda_kernels.backward(logits, *indices, blank, case.fused, case.fastemit_lambda, case.clamp, scale,
                               residuals, grads)
-    return costs.copy_to_host(), grads.copy_to_host()
+    return costs.copy_to_host(), grads.copy_to_host().view(p.logits.dtype).astype(np.float32 if dtype.itemsize < 8
+                                                                                   else np.float64)
 
 
 def simulate(out: str) -> None:
@@ -146,8 +157,7 @@ def simulate(out: str) -> None:
     ``out`` (npz). Called in a subprocess started with ``NUMBA_ENABLE_CUDASIM=1``."""
     from numba import cuda
 
-    assert cuda.is_available.__module__ == "numba.cuda.simulator_init", \
-        "simulate() must run with NUMBA_ENABLE_CUDASIM=1 set before numba is imported"
+    assert cuda_kernels._simulating(), "simulate() needs NUMBA_ENABLE_CUDASIM=1 set before numba is imported"
     # The simulator's block manager polls its threads while holding the GIL; a short switch interval
     # hands it over sooner (about 4x faster here).
     sys.setswitchinterval(1e-4)
@@ -179,9 +189,12 @@ def simulated(tmp_path_factory) -> dict[str, np.ndarray]:
 
 def check_against_reference(case: Case, costs: np.ndarray, grads: np.ndarray, *, cost_rtol=None, grad_atol=None):
     ref_costs, ref_grads = case.reference()
-    f32 = case.dtype == "float32"
-    np.testing.assert_allclose(costs, ref_costs, rtol=cost_rtol or (1e-5 if f32 else 1e-12))
-    np.testing.assert_allclose(grads, ref_grads, atol=grad_atol or (1e-5 if f32 else 1e-12), rtol=0)
+    f64 = case.dtype == "float64"
+    np.testing.assert_allclose(costs, ref_costs, rtol=cost_rtol or (1e-12 if f64 else 1e-5))
+    if case.dtype in HALF_EPS:  # computed in float32 on the 16-bit inputs, then each entry rounded once
+        assert np.all(np.abs(grads - ref_grads) <= HALF_EPS[case.dtype] * np.abs(ref_grads) + 1e-6)
+    else:
+        np.testing.assert_allclose(grads, ref_grads, atol=grad_atol or (1e-12 if f64 else 1e-5), rtol=0)
     p = case.problem()
     for b in range(case.B):  # padding: exactly zero (not merely small), and no entry left unwritten
         T_b, U_b = p.logit_lengths[b], p.target_lengths[b]
@@ -213,10 +226,12 @@ def test_import_needs_neither_numba_cuda_nor_a_gpu():
 
 
 @needs_numba_cuda
-@pytest.mark.parametrize("cc", [(9, 0), (8, 0)], ids=["sm_90", "sm_80"])
-@pytest.mark.parametrize("dtype,index_dtype", [("float32", "int32"), ("float64", "int64")])
+@pytest.mark.parametrize("dtype,index_dtype,cc", [
+    ("float32", "int32", (9, 0)), ("float32", "int32", (8, 0)), ("float64", "int64", (9, 0)),
+    ("float64", "int64", (8, 0)), ("float16", "int32", (9, 0)), ("bfloat16", "int64", (8, 0)),
+], ids=lambda v: f"sm_{v[0]}{v[1]}" if isinstance(v, tuple) else v)
 def test_every_kernel_compiles_to_ptx(cc, dtype, index_dtype):
-    ptx = cuda_kernels.compile_ptx(np.dtype(dtype), np.dtype(index_dtype), cc)
+    ptx = cuda_kernels.compile_ptx(cuda_kernels.kernel_dtype(dtype), np.dtype(index_dtype), cc)
     assert sorted(ptx) == sorted(["log_normalizers", "alphas_and_costs", "betas", "gradients"])
     for name, code in ptx.items():
         assert f".target sm_{cc[0]}{cc[1]}" in code, name
@@ -227,8 +242,10 @@ def test_every_kernel_compiles_to_ptx(cc, dtype, index_dtype):
 
 
 def test_unsupported_dtype_is_refused_before_compiling():
-    with pytest.raises(TypeError, match="float32 or float64"):
-        cuda_kernels._kernels(np.dtype(np.float16))
+    with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16"):
+        cuda_kernels.kernel_dtype("int8")
+    with pytest.raises(TypeError, match="float32, float64, float16 or int16"):
+        cuda_kernels._kernels(np.dtype(np.uint16))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -241,7 +258,8 @@ def _random_cases(n: int) -> list[Case]:
     for i in range(n):
         B, T, U, V = int(rng.integers(1, 9)), int(rng.integers(1, 41)), int(rng.integers(0, 16)), int(rng.integers(2, 700))
         cases.append(Case(f"random{i}", B, T, U, V, blank=[0, V - 1, V // 2, -1][i % 4],
-                          dtype=["float32", "float64"][i % 2], index_dtype=["int32", "int64"][(i // 2) % 2],
+                          dtype=["float32", "float64", "float16", "bfloat16"][(i // 4) % 4],
+                          index_dtype=["int32", "int64"][(i // 2) % 2],
                           fused=i % 5 != 4, fastemit_lambda=[0.0, 0.01, 0.5][i % 3],
                           clamp=[-1.0, 0.05, 0.5][(i // 3) % 3], threads=32, extra_target_columns=i % 3, seed=i))
     return cases
@@ -319,6 +337,21 @@ def test_torch_cuda_matches_reference_and_cpu():
     np.testing.assert_allclose(results["cuda"][1], grads, atol=1e-5)
 
 
+@pytest.mark.parametrize("half", sorted(HALF_EPS))
+def test_torch_cuda_half_precision_matches_reference(half):
+    torch = _torch_cuda()
+    from rnnt_xla.torch import rnnt_loss
+
+    case = Case(f"torch-{half}", 3, 20, 6, 50, blank=7, dtype=half, fastemit_lambda=0.01, clamp=0.5)
+    p = case.problem()
+    x = torch.from_numpy(p.logits.astype(np.float32)).to(getattr(torch, half)).cuda().requires_grad_()
+    args = [torch.from_numpy(a).cuda() for a in (p.targets, p.logit_lengths, p.target_lengths)]
+    loss = rnnt_loss(x, *args, blank=p.blank, reduction="none", clamp=0.5, fastemit_lambda=0.01)
+    loss.sum().backward()
+    assert loss.dtype == torch.float32 and x.grad.dtype == getattr(torch, half)
+    check_against_reference(case, loss.detach().cpu().numpy(), x.grad.float().cpu().numpy())
+
+
 def test_torch_cuda_is_zero_copy_on_the_current_stream(monkeypatch):
     torch = _torch_cuda()
     from rnnt_xla.torch import rnnt_loss
@@ -379,7 +412,7 @@ def test_jax_gpu_matches_reference_and_is_zero_copy(monkeypatch):
         loss, grad = fn(inputs[0])
         assert seen["forward"] == seen["backward"] == inputs[0].unsafe_buffer_pointer()
         assert seen["grads"] == grad.unsafe_buffer_pointer()
-        costs, grads = rnnt_loss_reference(p.logits, p.targets, p.logit_lengths, p.target_lengths, blank=p.blank,
+        costs, grads = rnnt_loss_reference(p.logits.astype(np.float64), p.targets, p.logit_lengths, p.target_lengths, blank=p.blank,
                                            clamp=0.5, reduction="mean_by_target_length", fastemit_lambda=0.01)
         np.testing.assert_allclose(np.asarray(loss), costs, rtol=1e-5)
         np.testing.assert_allclose(np.asarray(grad), grads, atol=1e-5)

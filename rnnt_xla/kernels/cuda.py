@@ -20,8 +20,9 @@ Kernels (``B`` batch, ``T`` max frames, ``U1 = U + 1`` label positions, ``V`` vo
    row's two transition posteriors (a few loads shared by the block through the cache) and writes its
    entries once, clamped and scaled. Padded rows are written with exact zeros.
 
-Precision: the passes over ``V`` compute in the logits' dtype (float32 or float64), as the CPU kernels do;
-the lattice (residuals, alphas, betas, posteriors) is float64, as the residual layout requires. Only the
+Precision, as in the CPU kernels: the passes over ``V`` compute in float64 for float64 logits and in float32
+for float32, float16 and bfloat16 logits (16-bit logits are read element by element and their gradient is
+rounded back to 16 bits); the lattice (residuals, alphas, betas, posteriors) is float64. Only the
 gradient buffer is ``B*T*U1*V``; the backward pass needs one ``(B, T, U1)`` float64 workspace for the betas.
 
 ``numba.cuda`` is imported on first use, so this module imports without numba-cuda or a GPU. Kernels are
@@ -46,6 +47,9 @@ __all__ = [
     "backward",
     "compile_ptx",
     "kernel_signatures",
+    "compute_dtype",
+    "kernel_dtype",
+    "KERNEL_DTYPES",
     "on_device",
     "device_view",
     "empty",
@@ -98,17 +102,91 @@ class _Kernels(NamedTuple):
     gradients: Any
 
 
+def compute_dtype(dtype: np.dtype) -> np.dtype:
+    """Arithmetic dtype of the kernels (and dtype of the costs and log-normalisers): float64 for float64
+    logits, float32 for the rest (float32, float16, bfloat16 bits)."""
+    return np.dtype(np.float64 if np.dtype(dtype) == np.float64 else np.float32)
+
+
+def kernel_dtype(name: str) -> np.dtype:
+    """How the kernels see logits of dtype ``name``: bfloat16 as int16 bits (NumPy and Numba have no
+    bfloat16; adapters pass a same-memory int16 view), the others as themselves."""
+    if name not in KERNEL_DTYPES:
+        raise TypeError(f"the CUDA kernels take float32, float64, float16 or bfloat16 logits, got {name}")
+    return KERNEL_DTYPES[name]
+
+
+KERNEL_DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64),
+                 "float16": np.dtype(np.float16), "bfloat16": np.dtype(np.int16)}
+
+
+def _converters(storage: np.dtype, float_t: type) -> tuple[Any, Any]:
+    """``load(x)``: a logits element in the compute dtype; ``store(x)``: a compute value as a gradient
+    element (rounded to nearest even for the 16-bit types)."""
+    if storage != np.int16:
+        storage_t = storage.type
+
+        @cuda.jit(device=True, inline="always")
+        def load(x):
+            return float_t(x)
+
+        @cuda.jit(device=True, inline="always")
+        def store(x):
+            return storage_t(x)
+
+        return load, store
+    if _simulating():
+        return _bfloat16_load_simulated, _bfloat16_store_simulated
+
+    @cuda.jit(device=True, inline="always")
+    def load_bfloat16(bits):
+        return cuda.libdevice.int_as_float(np.int32((np.int32(bits) & 0xFFFF) << 16))
+
+    @cuda.jit(device=True, inline="always")
+    def store_bfloat16(value):
+        x = np.float32(value)
+        bits = np.int64(cuda.libdevice.float_as_int(x)) & 0xFFFFFFFF
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round to nearest, ties to even
+        return np.int16(0x7FC0 if x != x else rounded)  # a truncating cast keeps the low 16 bits; NaN stays NaN
+
+    return load_bfloat16, store_bfloat16
+
+
+def _simulating() -> bool:
+    """Whether ``numba.cuda`` is the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1`` when Numba was imported)."""
+    from numba.cuda.core import config
+
+    return bool(config.ENABLE_CUDASIM)
+
+
+# The simulator has no libdevice, so the bfloat16 bit casts go through NumPy there; same rounding as above.
+def _bfloat16_load_simulated(bits):
+    return np.array([np.int32(bits) << 16], np.int32).view(np.float32)[0]
+
+
+def _bfloat16_store_simulated(value):
+    x = np.float32(value)
+    bits = int(np.array([x], np.float32).view(np.uint32)[0])
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return np.array([0x7FC0 if x != x else rounded & 0xFFFF], np.uint16).view(np.int16)[0]
+
+
 def _python_kernels(dtype: np.dtype) -> _Kernels:
     """The kernels of one logits dtype as plain Python functions (for ``cuda.jit`` or ``compile_ptx``).
 
-    They are closures over ``float_t`` (the logits' scalar type, which types the shared reduction array
-    and the casts) and use the module global ``cuda``. The
+    ``dtype`` is how the kernels see the logits and the gradient (:func:`kernel_dtype`): float32, float64,
+    float16, or int16 holding bfloat16 bits. They are closures over ``float_t``, the compute dtype (float64
+    for float64, else float32: it types the shared reduction array, the log-normalisers and the costs),
+    and over ``load``/``store``, which convert single elements to and from it; they use the module
+    global ``cuda``. The
     device helpers are inlined in Numba IR (``inline="always"``): a separately compiled device function
     would be compiled for the current GPU, which breaks ``compile_ptx`` on machines without one.
     """
     _numba_cuda()
-    float_t = np.dtype(dtype).type
+    storage = np.dtype(dtype)
+    float_t = np.dtype(compute_dtype(storage)).type
     neg_inf = -math.inf
+    load, store = _converters(storage, float_t)
 
     @cuda.jit(device=True, inline="always")
     def block_max(value, scratch):
@@ -168,22 +246,23 @@ def _python_kernels(dtype: np.dtype) -> _Kernels:
         row = logits[b, t, u]
         lse = float_t(0)
         if fused_log_softmax:
-            m = row[0]
+            m = load(row[0])
             for v in range(tid, V, threads):
-                if row[v] > m:
-                    m = row[v]
+                x = load(row[v])
+                if x > m:
+                    m = x
             m = block_max(m, scratch)
             if m == neg_inf:  # every entry masked: keep the row at -inf instead of NaN
                 lse = m
             else:
                 s = float_t(0)
                 for v in range(tid, V, threads):
-                    s += math.exp(row[v] - m)
+                    s += math.exp(load(row[v]) - m)
                 lse = m + math.log(block_sum(s, scratch))
         if tid == 0:
             log_norm[b, t, u] = lse
-            log_blank[b, t, u] = np.float64(row[blank]) - lse
-            log_emit[b, t, u] = np.float64(row[targets[b, u]]) - lse if u < U_b else neg_inf
+            log_blank[b, t, u] = np.float64(load(row[blank])) - lse
+            log_emit[b, t, u] = np.float64(load(row[targets[b, u]])) - lse if u < U_b else neg_inf
 
     def alphas_and_costs(log_blank, log_emit, logit_lengths, target_lengths, fastemit_lambda,
                          alphas, log_likelihood, costs):
@@ -250,7 +329,7 @@ def _python_kernels(dtype: np.dtype) -> _Kernels:
         g = grads[b, t, u]
         if t >= T_b or u > U_b:
             for v in range(tid, V, threads):
-                g[v] = float_t(0)
+                g[v] = store(float_t(0))
             return
         # The row's transition posteriors, in float64; every thread of the block computes the same values.
         ll = log_likelihood[b]
@@ -273,8 +352,8 @@ def _python_kernels(dtype: np.dtype) -> _Kernels:
         norm = log_norm[b, t, u]
         if fused_log_softmax:
             occupancy = p_blank + emit
-            g_blank = math.exp(row[blank] - norm) * occupancy - p_blank
-            g_label = math.exp(row[label] - norm) * occupancy - emit
+            g_blank = math.exp(load(row[blank]) - norm) * occupancy - p_blank
+            g_label = math.exp(load(row[label]) - norm) * occupancy - emit
         else:
             occupancy = 0.0
             g_blank = -p_blank
@@ -282,8 +361,8 @@ def _python_kernels(dtype: np.dtype) -> _Kernels:
         if u < U_b and label == blank:  # a label equal to blank: both transitions use the entry
             g_blank -= emit
         scale = grad_scale[b]
-        blank_value = float_t(min(max(g_blank, -limit), limit) * scale)
-        label_value = float_t(min(max(g_label, -limit), limit) * scale)
+        blank_value = store(float_t(min(max(g_blank, -limit), limit) * scale))
+        label_value = store(float_t(min(max(g_label, -limit), limit) * scale))
         label_entry = label if u < U_b and label != blank else -1
         occ = float_t(occupancy)
         lim = float_t(limit)
@@ -294,10 +373,10 @@ def _python_kernels(dtype: np.dtype) -> _Kernels:
             elif v == label_entry:
                 g[v] = label_value
             elif fused_log_softmax:
-                x = math.exp(row[v] - norm) * occ
-                g[v] = min(max(x, -lim), lim) * sc
+                x = math.exp(load(row[v]) - norm) * occ
+                g[v] = store(min(max(x, -lim), lim) * sc)
             else:
-                g[v] = float_t(0)
+                g[v] = store(float_t(0))
 
     return _Kernels(log_normalizers, alphas_and_costs, betas, gradients)
 
@@ -305,8 +384,9 @@ def _python_kernels(dtype: np.dtype) -> _Kernels:
 @functools.cache
 def _kernels(dtype: np.dtype) -> _Kernels:
     """The kernels of one logits dtype as lazily compiling ``cuda.jit`` dispatchers (cached)."""
-    if np.dtype(dtype) not in (np.float32, np.float64):
-        raise TypeError(f"the CUDA kernels take float32 or float64 logits, got {np.dtype(dtype)}")
+    if np.dtype(dtype) not in KERNEL_DTYPES.values():
+        raise TypeError(f"the CUDA kernels take float32, float64, float16 or int16 (bfloat16 bits) arrays, "
+                        f"got {np.dtype(dtype)}")
     return _Kernels(*(cuda.jit(f) for f in _python_kernels(np.dtype(dtype))))
 
 
@@ -315,7 +395,8 @@ def kernel_signatures(dtype: np.dtype, index_dtype: np.dtype) -> _Kernels:
     from numba import types
     from numba.np.numpy_support import from_dtype
 
-    f = from_dtype(np.dtype(dtype))
+    f = from_dtype(np.dtype(dtype))  # logits and gradient
+    c = from_dtype(compute_dtype(dtype))  # log-normalisers and costs
     i = from_dtype(np.dtype(index_dtype))
     f64 = types.float64
 
@@ -323,11 +404,11 @@ def kernel_signatures(dtype: np.dtype, index_dtype: np.dtype) -> _Kernels:
         return types.Array(dt, ndim, "C")
 
     indices = (array(i, 2), array(i, 1), array(i, 1))
-    grid = (array(f, 3), array(f64, 3), array(f64, 3))  # log_norm, log_blank, log_emit
+    grid = (array(c, 3), array(f64, 3), array(f64, 3))  # log_norm, log_blank, log_emit
     return _Kernels(
         log_normalizers=(array(f, 4), *indices, types.int64, types.boolean, *grid),
         alphas_and_costs=(array(f64, 3), array(f64, 3), *indices[1:], f64, array(f64, 3), array(f64, 1),
-                          array(f, 1)),
+                          array(c, 1)),
         betas=(array(f64, 3), array(f64, 3), *indices[1:], array(f64, 3)),
         gradients=(array(f, 4), *indices, types.int64, types.boolean, f64, f64, array(f64, 1), *grid,
                    array(f64, 3), array(f64, 3), array(f64, 1), array(f, 4)),
@@ -415,8 +496,9 @@ def forward(logits: Any, targets: Any, logit_lengths: Any, target_lengths: Any, 
     """Costs ``(B,)`` (logits dtype) into ``costs`` and the forward residuals into ``residuals``, all
     caller-allocated device arrays (layout of :func:`rnnt_xla.kernels.cpu.residual_shapes`).
 
-    ``logits: (B, T, U1, V)`` float32/float64; ``targets: (B, W)``, ``logit_lengths``, ``target_lengths:
-    (B,)`` int32/int64, validated; all C-contiguous on one GPU. Asynchronous on ``stream``.
+    ``logits: (B, T, U1, V)`` float32/float64/float16, or bfloat16 as int16 bits (:func:`kernel_dtype`);
+    ``targets: (B, W)``, ``logit_lengths``, ``target_lengths: (B,)`` int32/int64, validated; all C-contiguous
+    on one GPU. ``costs`` and ``residuals.log_norm`` are in :func:`compute_dtype`. Asynchronous on ``stream``.
     """
     _numba_cuda()
     logits, targets, logit_lengths, target_lengths, costs = map(
