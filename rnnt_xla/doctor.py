@@ -124,9 +124,10 @@ def diagnose(f: Findings) -> Diagnosis:
         line = (f"PTX ISA {_version(f.ptx_isa)} is newer than the driver (CUDA {_version(f.driver_version)}) "
                 f"can JIT (PTX ISA {_version(driver_isa)})")
         if f.nvjitlink_version is None:
-            return Diagnosis(False, line, ["Without nvJitLink the driver must JIT the PTX. Install nvJitLink "
-                                           f"(pip install 'numba-cuda[cu{f.toolkit_version[0] if f.toolkit_version else 13}]'),"
-                                           " a toolkit no newer than the driver, or a newer driver."])
+            major = f.toolkit_version[0] if f.toolkit_version else 13
+            return Diagnosis(False, line, [f"Without nvJitLink the driver must JIT the PTX. Install nvJitLink (pip "
+                                           f"install 'numba-cuda[cu{major}]'), a toolkit no newer than the driver, "
+                                           "or a newer driver."])
         details.append(line + f"; fine: nvJitLink {_version(f.nvjitlink_version)} compiles it to a cubin, which "
                               "the driver loads under CUDA minor version compatibility.")
     if f.ptx_error:

@@ -11,6 +11,11 @@ in the backward pass, clamped and scaled by the incoming cotangent in one write.
 travel between the two passes as uint32 pairs, so they keep full precision without ``jax_enable_x64``
 (and results are bit-identical to the torch adapter's).
 
+On a GPU the same callbacks receive device buffers (``__cuda_array_interface__``) and run the CUDA kernels
+(``rnnt_xla.kernels.cuda``) on them, on XLA's stream (``ctx.stream``). The lengths and labels and the ``B``
+costs come to the host (a copy and a wait on that stream) for validation and the shared reductions; the
+backward pass allocates its betas through Numba and waits for its kernels before returning.
+
 Errors: shapes, dtypes and options are checked while tracing (``TypeError``/``ValueError``, as in torch).
 Lengths and labels are checked before the kernels run: eagerly with the same ``ValueError`` when the
 values are concrete, otherwise inside the callback, where JAX reports the ``ValueError`` message wrapped

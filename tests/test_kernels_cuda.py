@@ -92,9 +92,9 @@ class Case:
 
     def reference(self) -> tuple[np.ndarray, np.ndarray]:
         p = self.problem()
-        costs, grads = rnnt_loss_reference(p.logits.astype(np.float64), p.targets, p.logit_lengths, p.target_lengths, blank=p.blank,
-                                           clamp=self.clamp, reduction="none", fused_log_softmax=self.fused,
-                                           fastemit_lambda=self.fastemit_lambda)
+        costs, grads = rnnt_loss_reference(p.logits.astype(np.float64), p.targets, p.logit_lengths,
+                                           p.target_lengths, blank=p.blank, clamp=self.clamp, reduction="none",
+                                           fused_log_softmax=self.fused, fastemit_lambda=self.fastemit_lambda)
         return costs, grads * self.scale()[:, None, None, None]
 
 
@@ -171,6 +171,8 @@ def simulate(out: str) -> None:
     target = cuda.to_device(np.zeros((2, 3), np.float32))
     cuda_kernels.copy_from_host(np.arange(6), cuda_kernels.device_view(target, (6,)))
     results["copy_from_host"] = cuda_kernels.to_host(target)
+    empty = cuda_kernels.device_view(cuda.to_device(np.zeros((2, 3, 0), np.int32)), (6, 0))
+    results["device_view/empty"] = np.array(empty.shape)
     np.savez(out, **results)
 
 
@@ -212,6 +214,7 @@ def test_simulator_matches_reference(simulated, case):
 def test_simulator_device_helpers(simulated):
     np.testing.assert_array_equal(simulated["device_view/f64"], np.arange(6.0))
     np.testing.assert_array_equal(simulated["copy_from_host"], np.arange(6.0, dtype=np.float32).reshape(2, 3))
+    np.testing.assert_array_equal(simulated["device_view/empty"], [6, 0])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -256,7 +259,8 @@ def _random_cases(n: int) -> list[Case]:
     rng = np.random.default_rng(11)
     cases = []
     for i in range(n):
-        B, T, U, V = int(rng.integers(1, 9)), int(rng.integers(1, 41)), int(rng.integers(0, 16)), int(rng.integers(2, 700))
+        B, T, U = int(rng.integers(1, 9)), int(rng.integers(1, 41)), int(rng.integers(0, 16))
+        V = int(rng.integers(2, 700))
         cases.append(Case(f"random{i}", B, T, U, V, blank=[0, V - 1, V // 2, -1][i % 4],
                           dtype=["float32", "float64", "float16", "bfloat16"][(i // 4) % 4],
                           index_dtype=["int32", "int64"][(i // 2) % 2],
@@ -412,7 +416,7 @@ def test_jax_gpu_matches_reference_and_is_zero_copy(monkeypatch):
         loss, grad = fn(inputs[0])
         assert seen["forward"] == seen["backward"] == inputs[0].unsafe_buffer_pointer()
         assert seen["grads"] == grad.unsafe_buffer_pointer()
-        costs, grads = rnnt_loss_reference(p.logits.astype(np.float64), p.targets, p.logit_lengths, p.target_lengths, blank=p.blank,
+        costs, grads = rnnt_loss_reference(p.logits, p.targets, p.logit_lengths, p.target_lengths, blank=p.blank,
                                            clamp=0.5, reduction="mean_by_target_length", fastemit_lambda=0.01)
         np.testing.assert_allclose(np.asarray(loss), costs, rtol=1e-5)
         np.testing.assert_allclose(np.asarray(grad), grads, atol=1e-5)

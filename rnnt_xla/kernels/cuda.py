@@ -16,8 +16,8 @@ Kernels (``B`` batch, ``T`` max frames, ``U1 = U + 1`` label positions, ``V`` vo
    anti-diagonals ``t + u = n`` (every cell of a diagonal depends only on the previous one), one
    ``syncthreads`` per diagonal; thread 0 then writes ``log P(y|x)`` and the cost.
 3. :func:`betas`: the same wavefront, backwards.
-4. :func:`gradients`: one block per ``(b, t, u)`` row, threads strided over ``V``: each thread computes the
-   row's two transition posteriors (a few loads shared by the block through the cache) and writes its
+4. :func:`gradients`: one block per ``(b, t, u)`` row, threads strided over ``V``: thread 0 computes the
+   row's two transition posteriors and shares them through shared memory, then each thread writes its
    entries once, clamped and scaled. Padded rows are written with exact zeros.
 
 Precision, as in the CPU kernels: the passes over ``V`` compute in float64 for float64 logits and in float32
@@ -331,22 +331,27 @@ def _python_kernels(dtype: np.dtype) -> _Kernels:
             for v in range(tid, V, threads):
                 g[v] = store(float_t(0))
             return
-        # The row's transition posteriors, in float64; every thread of the block computes the same values.
-        ll = log_likelihood[b]
-        alpha = alphas[b, t, u]
-        if t < T_b - 1:
-            p_blank = math.exp(alpha + log_blank[b, t, u] + betas[b, t + 1, u] - ll)
-        elif u == U_b:  # the final blank, which ends the lattice
-            p_blank = math.exp(alpha + log_blank[b, t, u] - ll)
-        else:
-            p_blank = 0.0
-        if u < U_b:
-            label = targets[b, u]
-            p_label = math.exp(alpha + log_emit[b, t, u] + betas[b, t, u + 1] - ll)
-        else:
-            label = blank
-            p_label = 0.0
-        emit = (1.0 + fastemit_lambda) * p_label
+        # The row's two transition posteriors (float64), computed once by thread 0 and shared: float64
+        # exponentials are slow on most GPUs.
+        posteriors = cuda.shared.array(2, np.float64)
+        if tid == 0:
+            ll = log_likelihood[b]
+            alpha = alphas[b, t, u]
+            if t < T_b - 1:
+                posteriors[0] = math.exp(alpha + log_blank[b, t, u] + betas[b, t + 1, u] - ll)
+            elif u == U_b:  # the final blank, which ends the lattice
+                posteriors[0] = math.exp(alpha + log_blank[b, t, u] - ll)
+            else:
+                posteriors[0] = 0.0
+            if u < U_b:
+                p_label = math.exp(alpha + log_emit[b, t, u] + betas[b, t, u + 1] - ll)
+                posteriors[1] = (1.0 + fastemit_lambda) * p_label
+            else:
+                posteriors[1] = 0.0
+        cuda.syncthreads()  # the block leaves above as a whole or not at all
+        p_blank = posteriors[0]
+        emit = posteriors[1]  # FastEmit-weighted
+        label = targets[b, u] if u < U_b else blank
         limit = clamp if clamp > 0 else math.inf
         row = logits[b, t, u]
         norm = log_norm[b, t, u]
@@ -463,6 +468,8 @@ def device_view(array: Any, shape: tuple[int, ...], dtype: Any = None) -> Any:
     another ``dtype`` read from the same bytes, e.g. ``(..., 2)`` uint32 holding ``(...)`` float64."""
     _numba_cuda()
     view = _device(array)
+    if view.size == 0:  # Numba cannot reshape empty arrays (e.g. width-0 targets); there is nothing to view
+        return cuda.device_array(tuple(shape), dtype=np.dtype(dtype or view.dtype))
     if dtype is not None and np.dtype(dtype) != view.dtype:
         view = view.view(np.dtype(dtype))  # reinterprets the last axis; the reshape below fixes the shape
     return view.reshape(tuple(shape))
