@@ -178,9 +178,9 @@ def _python_kernels(dtype: np.dtype) -> _Kernels:
     float16, or int16 holding bfloat16 bits. They are closures over ``float_t``, the compute dtype (float64
     for float64, else float32: it types the shared reduction array, the log-normalisers and the costs),
     and over ``load``/``store``, which convert single elements to and from it; they use the module
-    global ``cuda``. The
-    device helpers are inlined in Numba IR (``inline="always"``): a separately compiled device function
-    would be compiled for the current GPU, which breaks ``compile_ptx`` on machines without one.
+    global ``cuda``. The device helpers are inlined in Numba IR (``inline="always"``): a separately
+    compiled device function would be compiled for the current GPU, which breaks ``compile_ptx`` on
+    machines without one.
     """
     _numba_cuda()
     storage = np.dtype(dtype)
@@ -392,6 +392,7 @@ def _kernels(dtype: np.dtype) -> _Kernels:
     if np.dtype(dtype) not in KERNEL_DTYPES.values():
         raise TypeError(f"the CUDA kernels take float32, float64, float16 or int16 (bfloat16 bits) arrays, "
                         f"got {np.dtype(dtype)}")
+    _numba_cuda()
     return _Kernels(*(cuda.jit(f) for f in _python_kernels(np.dtype(dtype))))
 
 
@@ -500,7 +501,7 @@ def copy_from_host(host: np.ndarray, out: Any, stream: Any = None) -> None:
 def forward(logits: Any, targets: Any, logit_lengths: Any, target_lengths: Any, blank: int,
             fused_log_softmax: bool, fastemit_lambda: float, costs: Any, residuals: Residuals,
             stream: Any = None) -> None:
-    """Costs ``(B,)`` (logits dtype) into ``costs`` and the forward residuals into ``residuals``, all
+    """Costs ``(B,)`` into ``costs`` and the forward residuals into ``residuals``, all
     caller-allocated device arrays (layout of :func:`rnnt_xla.kernels.cpu.residual_shapes`).
 
     ``logits: (B, T, U1, V)`` float32/float64/float16, or bfloat16 as int16 bits (:func:`kernel_dtype`);
