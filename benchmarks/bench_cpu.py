@@ -234,13 +234,15 @@ def run_memory(results: list[Result], threads: int, progress) -> None:
         progress.advance(task)
 
 
-def noise_summary(results: list[Result], load_before: float, load_after: float) -> dict[str, object]:
+def noise_summary(results: list[Result], load_before: float, load_after: float, others: float | None
+                  ) -> dict[str, object]:
     spreads = [(f"{r.impl} {r.shape} {mode}", t.median_s / t.min_s) for r in results for mode in MODES
                for t in [getattr(r, mode)] if t.median_s and len(t.times_s) > 1]
     values = [s for _, s in spreads] or [1.0]
     return {
         "loadavg_before": load_before,
         "loadavg_after": load_after,
+        "cpu_used_by_other_processes_cores": others,
         "median_over_min_median": statistics.median(values),
         "median_over_min_max": max(values),
         "noisy": [name for name, s in spreads if s > NOISY],
@@ -255,6 +257,46 @@ def loss_disagreements(results: list[Result]) -> dict[str, list[float]]:
         if len(losses) > 1 and (max(losses) - min(losses)) > 1e-4 * max(1.0, abs(max(losses))):
             out[",".join(map(str, shape))] = losses
     return out
+
+
+class CpuByOthers:
+    """CPU time the rest of the machine used while the benchmark ran, in cores: (busy time of all CPUs from
+    /proc/stat - this process's and its children's CPU time) / wall time. Unlike the load average, it does
+    not count the benchmark itself; ~0 means the timings had the machine to themselves."""
+
+    def __init__(self) -> None:
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+        t = os.times()
+        return time.monotonic(), busy, t.user + t.system + t.children_user + t.children_system
+
+    def cores(self) -> float | None:
+        end = self._sample()
+        if self.start is None or end is None:
+            return None
+        wall = end[0] - self.start[0]
+        return max(0.0, ((end[1] - self.start[1]) - (end[2] - self.start[2])) / wall) if wall > 0 else None
+
+
+def wait_until_quiet(limit_s: float, console, threshold: float = 0.5) -> float:
+    """Wait (up to ``limit_s``) for the 1-min load average to drop below ``threshold``; returns it."""
+    deadline = time.monotonic() + limit_s
+    load = _loadavg()
+    if load >= threshold and limit_s > 0:
+        with console.status(f"waiting up to {limit_s:.0f} s for a quiet machine (1-min load {load:.2f})") as status:
+            while load >= threshold and time.monotonic() < deadline:
+                time.sleep(10)
+                load = _loadavg()
+                status.update(f"waiting for a quiet machine (1-min load {load:.2f} >= {threshold})")
+    return load
 
 
 def _loadavg() -> float:
@@ -355,6 +397,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-profile", action="store_true",
                         help="skip thread scaling, the roofline and the per-pass profile")
     parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                        help="first wait up to SECONDS for the 1-min load average to fall below 0.5")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON output (default: benchmarks/results/cpu_<hostname>.json); the .md table and the "
                              "PNG plots go next to it")
@@ -368,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Rich falls back to 80 columns when stdout is not a terminal (CI logs, `| tee`), too narrow for the tables.
     console = Console() if sys.stdout.isatty() else Console(width=160)
-    load_before = _loadavg()
+    load_before = wait_until_quiet(args.wait_quiet, console)
     if load_before >= 0.5:
         console.print(f"[yellow]1-min load average is {load_before:.2f}: other work is running, timings will be noisy")
     names = [n for n in args.impls if not (args.skip_seed and n == SEED)]
@@ -381,8 +425,10 @@ def main(argv: list[str] | None = None) -> None:
     report: dict[str, object] = {}
     with Progress(TextColumn("{task.description:<56}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
+        others = CpuByOthers()
         results, extras = run_shapes(args.shapes, impls, args, progress, console)
         load_after = _loadavg()  # the timing phase only; what follows runs in child processes
+        others_cores = others.cores()
         if not args.no_memory:
             run_memory(results, args.threads, progress)
         if not args.no_first_call:
@@ -398,7 +444,7 @@ def main(argv: list[str] | None = None) -> None:
         "environment": environment(args.threads),
         "settings": {"repeats": args.repeats, "seed_repeats": args.seed_repeats, "blank": BLANK,
                      "reduction": "mean", "implementations": {n: i.description for n, i in impls.items()}},
-        "noise": noise_summary(results, load_before, load_after),
+        "noise": noise_summary(results, load_before, load_after, others_cores),
         "loss_disagreements": loss_disagreements(results),
         "results": [asdict(r) for r in results],
         **extras,

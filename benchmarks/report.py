@@ -141,7 +141,10 @@ def targets_table(report: dict) -> Table:
 
 def noise_lines(report: dict) -> list[str]:
     noise = report.get("noise", {})
-    lines = [f"load average (1 min) before / after: {noise.get('loadavg_before')} / {noise.get('loadavg_after')}; "
+    others = noise.get("cpu_used_by_other_processes_cores")
+    lines = [f"load average (1 min) before / after the timings: {noise.get('loadavg_before')} / "
+             f"{noise.get('loadavg_after')}; CPU used by other processes during the timings: "
+             + ("?" if others is None else f"{others:.2f} cores") + "; "
              f"median/min over all timings: median {noise.get('median_over_min_median', 0):.2f}, "
              f"worst {noise.get('median_over_min_max', 0):.2f}"]
     if noise.get("noisy"):
