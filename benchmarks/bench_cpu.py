@@ -149,15 +149,27 @@ def run_shapes(shapes: list[Shape], impls: dict[str, Impl], args: argparse.Names
                 timing.times_s.append(elapsed)
                 timing.loss = loss
 
-        for mode in MODES:
-            for name in impls:
-                for _ in range(warmups[name]):
-                    call(name, mode, "warm-up", timed=False)
-            # Round-robin over implementations, so that a burst of load on a shared machine hits them all
-            # alike instead of skewing whichever one happened to be running.
-            for i in range(max(repeats.values(), default=0)):
+        if args.interleave:
+            for mode in MODES:
                 for name in impls:
-                    if i < repeats[name]:
+                    for _ in range(warmups[name]):
+                        call(name, mode, "warm-up", timed=False)
+                # Round-robin over implementations, so that a burst of load on a shared machine hits them all
+                # alike instead of skewing whichever one happened to be running.
+                for i in range(max(repeats.values(), default=0)):
+                    for name in impls:
+                        if i < repeats[name]:
+                            call(name, mode, f"{i + 1}/{repeats[name]}", timed=True)
+        else:
+            # Each implementation's calls back to back, as in a training loop: on a VM that hands idle memory
+            # back to the host, a call that follows seconds of someone else's work re-faults its buffers
+            # from the host (see README, "first touch"), which round-robin order would charge to whoever
+            # follows a slow peer.
+            for name in impls:
+                for mode in MODES:
+                    for _ in range(warmups[name]):
+                        call(name, mode, "warm-up", timed=False)
+                    for i in range(repeats[name]):
                         call(name, mode, f"{i + 1}/{repeats[name]}", timed=True)
 
         if extras_steps and REFERENCE in prepared:
@@ -286,6 +298,29 @@ class CpuByOthers:
         return max(0.0, ((end[1] - self.start[1]) - (end[2] - self.start[2])) / wall) if wall > 0 else None
 
 
+def first_touch_probe(megabytes: int = 256, idle_s: float = 3.0) -> dict[str, float]:
+    """ms per GB to allocate and first-touch a fresh numpy buffer (huge pages, as rnnt_xla's gradient),
+    right after the same memory was used ("hot") and after ``idle_s`` seconds of idling. On a VM that
+    returns idle memory to its host the second is many times the first; every implementation's fresh
+    buffers pay it after a pause, which is why timings run each implementation back to back."""
+    import numpy as np
+
+    n = megabytes * 2**20 // 4
+
+    def touch() -> float:
+        start = time.perf_counter()
+        np.empty(n, np.float32).fill(0)
+        return (time.perf_counter() - start) * 1e3 / (megabytes / 1024)
+
+    touch()
+    hot = statistics.median(touch() for _ in range(3))
+    idle = []
+    for _ in range(2):
+        time.sleep(idle_s)
+        idle.append(touch())
+    return {"hot_ms_per_GB": hot, f"after_{idle_s:g}s_idle_ms_per_GB": statistics.median(idle)}
+
+
 def wait_until_quiet(limit_s: float, console, threshold: float = 0.5) -> float:
     """Wait (up to ``limit_s``) for the 1-min load average to drop below ``threshold``; returns it."""
     deadline = time.monotonic() + limit_s
@@ -341,6 +376,7 @@ def environment(threads: int) -> dict[str, object]:
         "numba": numba.__version__,
         "git_commit": _git_commit(),
         "git_dirty": _git_dirty(),
+        "first_touch": first_touch_probe(),
     }
     for package in ("torch", "jax", "jaxlib", "torchaudio", "rnnt_xla", "warprnnt_numba", "matplotlib"):
         env[package] = _version(package)
@@ -397,6 +433,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-profile", action="store_true",
                         help="skip thread scaling, the roofline and the per-pass profile")
     parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    parser.add_argument("--interleave", action="store_true",
+                        help="time round-robin over implementations instead of each one's calls back to back")
     parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                         help="first wait up to SECONDS for the 1-min load average to fall below 0.5")
     parser.add_argument("--out", type=Path, default=None,
@@ -443,6 +481,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "environment": environment(args.threads),
         "settings": {"repeats": args.repeats, "seed_repeats": args.seed_repeats, "blank": BLANK,
+                     "order": "round-robin" if args.interleave else "back-to-back per implementation",
                      "reduction": "mean", "implementations": {n: i.description for n, i in impls.items()}},
         "noise": noise_summary(results, load_before, load_after, others_cores),
         "loss_disagreements": loss_disagreements(results),

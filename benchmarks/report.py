@@ -147,6 +147,10 @@ def noise_lines(report: dict) -> list[str]:
              + ("?" if others is None else f"{others:.2f} cores") + "; "
              f"median/min over all timings: median {noise.get('median_over_min_median', 0):.2f}, "
              f"worst {noise.get('median_over_min_max', 0):.2f}"]
+    touch = report["environment"].get("first_touch")
+    if touch:
+        lines.append("first touch of a fresh buffer: " + ", ".join(f"{k.removesuffix('_ms_per_GB')} "
+                                                                  f"{v:,.0f} ms/GB" for k, v in touch.items()))
     if noise.get("noisy"):
         lines.append("noisy timings (median > 1.5x min): " + ", ".join(noise["noisy"]))
     for shape, losses in report.get("loss_disagreements", {}).items():
