@@ -44,6 +44,7 @@ from implementations import set_thread_environment  # noqa: E402
 DEFAULT_SHAPES = ["4,100,30,128", "8,200,50,256", "16,150,40,1024", "2,1000,60,128"]
 MODES = ("fwd_bwd", "fwd")
 NOISY = 1.5  # a median more than this times the minimum is flagged
+WARMUP_S = 0.5  # warm-up calls continue until this much time is spent (see --max-warmup)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Timing:
     min_s: float | None = None
     ratio: float | None = None  # median / rnnt_xla_torch's median, same shape and mode
     gb_per_s: float | None = None  # logits bytes / median
+    warmup_calls: int = 0
     error: str | None = None
 
 
@@ -130,13 +132,14 @@ def run_shapes(shapes: list[Shape], impls: dict[str, Impl], args: argparse.Names
                 console.print(f"[red]{name} failed to prepare {shape}: {by_name[name].error}")
             progress.advance(task)
 
-        def call(name: str, mode: str, label: str, timed: bool) -> None:
+        def call(name: str, mode: str, label: str, timed: bool, advance: bool = True) -> float | None:
             timing: Timing = getattr(by_name[name], mode)
             progress.update(task, description=f"{name} {shape} {mode} {label}")
-            progress.advance(task)
+            if advance:
+                progress.advance(task)
             if (name, mode) in failed or name not in prepared:
                 timing.error = timing.error or by_name[name].error or "failed on an earlier shape"
-                return
+                return None
             try:
                 elapsed, loss = _timed(getattr(prepared[name], mode))
             except Exception as exc:  # keep benchmarking the others; report the failure in the table
@@ -144,16 +147,28 @@ def run_shapes(shapes: list[Shape], impls: dict[str, Impl], args: argparse.Names
                 timing.times_s.clear()  # a partial set of timings would be misleading
                 failed.add((name, mode))
                 console.print(f"[red]{name} {mode} failed on {shape}: {timing.error}")
-                return
+                return None
             if timed:
                 timing.times_s.append(elapsed)
                 timing.loss = loss
+            return elapsed
+
+        def warm_up(name: str, mode: str) -> None:
+            """At least one call, then more until WARMUP_S seconds are spent (at most --max-warmup calls): the
+            first few calls after a pause re-fault their fresh buffers' memory (see README, first touch)."""
+            spent, n = 0.0, 0
+            while n < warmups[name] or (0 < n < args.max_warmup and spent < WARMUP_S):
+                elapsed = call(name, mode, f"warm-up {n + 1}", timed=False, advance=n == 0)
+                n += 1
+                if elapsed is None:
+                    break
+                spent += elapsed
+            getattr(by_name[name], mode).warmup_calls = n
 
         if args.interleave:
             for mode in MODES:
                 for name in impls:
-                    for _ in range(warmups[name]):
-                        call(name, mode, "warm-up", timed=False)
+                    warm_up(name, mode)
                 # Round-robin over implementations, so that a burst of load on a shared machine hits them all
                 # alike instead of skewing whichever one happened to be running.
                 for i in range(max(repeats.values(), default=0)):
@@ -167,8 +182,7 @@ def run_shapes(shapes: list[Shape], impls: dict[str, Impl], args: argparse.Names
             # follows a slow peer.
             for name in impls:
                 for mode in MODES:
-                    for _ in range(warmups[name]):
-                        call(name, mode, "warm-up", timed=False)
+                    warm_up(name, mode)
                     for i in range(repeats[name]):
                         call(name, mode, f"{i + 1}/{repeats[name]}", timed=True)
 
@@ -424,6 +438,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per shape and mode (default: 5)")
     parser.add_argument("--seed-repeats", type=int, default=1,
                         help="timed calls per shape and mode for warprnnt_numba, very slow on CPU (default: 1)")
+    parser.add_argument("--max-warmup", type=int, default=10,
+                        help=f"warm-up calls per shape and mode: at least 1, more until {WARMUP_S} s are spent, "
+                             "at most this many (default: 10)")
     parser.add_argument("--skip-seed", action="store_true", help="do not run warprnnt_numba")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="torch, Numba and XLA threads (default: usable cores)")
