@@ -84,8 +84,12 @@ def _timed(fn: Callable[[], float]) -> tuple[float, float]:
     return time.perf_counter() - start, loss
 
 
-def _median_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
+def _median_time(fn: Callable[[], object], repeats: int, max_warmup: int) -> float:
+    """Median of ``repeats`` timed calls after the same adaptive warm-up as the main timings."""
+    spent, n = 0.0, 0
+    while n < 1 or (n < max_warmup and spent < WARMUP_S):
+        spent += _timed(fn)[0]  # type: ignore[arg-type]
+        n += 1
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -193,7 +197,7 @@ def run_shapes(shapes: list[Shape], impls: dict[str, Impl], args: argparse.Names
             for n in sorted({1, args.threads}):
                 numba.set_num_threads(n)
                 try:
-                    scaling[str(n)] = _median_time(ours, args.repeats)
+                    scaling[str(n)] = _median_time(ours, args.repeats, args.max_warmup)
                 finally:
                     numba.set_num_threads(args.threads)
             extras["thread_scaling"].append({"shape": shape, "median_s": scaling})
@@ -202,7 +206,7 @@ def run_shapes(shapes: list[Shape], impls: dict[str, Impl], args: argparse.Names
             progress.update(task, description=f"roofline {shape}")
             from roofline import bytes_moved, roofline
 
-            roof = _median_time(lambda: roofline(inputs.logits), args.repeats)
+            roof = _median_time(lambda: roofline(inputs.logits), args.repeats, args.max_warmup)
             extras["roofline"].append({"shape": shape, "median_s": roof,
                                        "gb_per_s": bytes_moved(inputs.logits) / roof / 1e9})
             progress.advance(task)
@@ -212,7 +216,7 @@ def run_shapes(shapes: list[Shape], impls: dict[str, Impl], args: argparse.Names
                 from passes import profile_passes
 
                 times = profile_passes(inputs.logits, inputs.targets, inputs.logit_lengths, inputs.target_lengths,
-                                       BLANK, args.repeats)
+                                       BLANK, args.repeats, WARMUP_S, args.max_warmup)
                 extras["passes"].append({"shape": shape, "median_s": times})
             except Exception as exc:  # the kernels' signatures may move under this script
                 extras["passes"].append({"shape": shape, "error": f"{type(exc).__name__}: {exc}"})

@@ -17,8 +17,9 @@ PASSES = ("log_normalizers", "alphas_and_costs", "betas", "gradients")
 
 
 def profile_passes(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray, target_lengths: np.ndarray,
-                   blank: int, repeats: int) -> dict[str, float]:
-    """Median seconds of each pass over ``repeats`` runs after one warm-up; keys: :data:`PASSES`,
+                   blank: int, repeats: int, warmup_s: float = 0.5, max_warmup: int = 10) -> dict[str, float]:
+    """Median seconds of each pass over ``repeats`` runs after warm-up runs (at least one, more until
+    ``warmup_s`` seconds are spent, at most ``max_warmup``); keys: :data:`PASSES`,
     ``"gradients (reused buffer)"`` and ``"sum"``."""
     from rnnt_xla.kernels import cpu
 
@@ -36,7 +37,8 @@ def profile_passes(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.nd
                       res.log_norm, res.log_blank, res.log_emit, res.alphas, beta, res.log_likelihood, out)
 
     times: dict[str, list[float]] = {name: [] for name in (*PASSES, "gradients (reused buffer)")}
-    for i in range(repeats + 1):
+    warm, spent = 0, 0.0
+    while True:
         laps = []
         t0 = time.perf_counter()
         cpu.log_normalizers(logits, targets, logit_lengths, target_lengths, blank, True,
@@ -55,12 +57,16 @@ def profile_passes(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.nd
         t4 = time.perf_counter()
         run_gradients(reused, beta)
         t5 = time.perf_counter()
-        if i == 0:
-            continue  # warm-up (and, on a fresh process, the Numba compile or cache load)
+        if warm < 1 or (warm < max_warmup and spent < warmup_s):
+            warm += 1  # warm-up (and, on a fresh process, the Numba compile or cache load)
+            spent += t5 - t0
+            continue
         starts = [t0, *laps[:-1]]
         for name, start, end in zip(PASSES, starts, laps):
             times[name].append(end - start)
         times["gradients (reused buffer)"].append(t5 - t4)
+        if len(times["gradients"]) >= max(repeats, 1):
+            break
     out = {name: statistics.median(ts) for name, ts in times.items()}
     out["sum"] = sum(out[name] for name in PASSES)
     return out
