@@ -211,9 +211,11 @@ def _backward(options: _Options, logits, targets, logit_lengths, target_lengths,
         per_call = (-1, B) if options.reduction == "none" else (-1,)
         grad_scale = gradient_scale(np.asarray(grad_loss_buf).reshape(per_call), idx[2].reshape(-1, B),
                                     options.reduction, options.mean_batch).reshape(-1)
+        grads_host = cpu.as_kernel_array(_fold(grads, 3))
+        cpu.advise_huge_pages(grads_host)  # XLA's fresh output buffer: fewer first-touch page faults
         cpu.backward(cpu.as_kernel_array(_fold(logits_buf, 3)), *idx, options.shape.blank,
                      options.fused_log_softmax, options.fastemit_lambda, options.clamp, grad_scale,
-                     _host_residuals(residual_bufs), cpu.as_kernel_array(_fold(grads, 3)))
+                     _host_residuals(residual_bufs), grads_host)
 
     run = buffer_callback(callback, jax.ShapeDtypeStruct(logits.shape, logits.dtype), vmap_method="broadcast_all")
     inputs = (logits, targets, logit_lengths, target_lengths, residuals, grad_loss)

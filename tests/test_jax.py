@@ -210,7 +210,7 @@ SHARDING_SCRIPT = textwrap.dedent("""
             args = [jax.device_put(a, P("x")) for a in inputs]
             step = jax.jit(jax.value_and_grad(loss))
             batches.clear()
-            value, grad = step(*args)
+            value, grad = jax.block_until_ready(step(*args))  # dispatch is asynchronous
             assert batches == [2, 2], batches
             assert "all-gather" not in step.lower(*args).compile().as_text()
             assert grad.sharding.spec == P("x", None, None, None), grad.sharding
@@ -232,7 +232,7 @@ SHARDING_SCRIPT = textwrap.dedent("""
 
         # (c) classic jit with NamedSharding on auto axes: correct (the callback sees the gathered batch)
         batches.clear()
-        value, grad = jax.jit(jax.value_and_grad(loss))(*args)
+        value, grad = jax.block_until_ready(jax.jit(jax.value_and_grad(loss))(*args))
         np.testing.assert_allclose(value, jax.value_and_grad(loss)(*map(jnp.asarray, inputs))[0], rtol=1e-6)
         assert set(batches) == {4}, batches
     print("sharding ok")

@@ -23,7 +23,9 @@ The pass entry points :func:`forward` and :func:`backward` hold no math; they ca
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
+import sys
 import threading
 from typing import NamedTuple
 
@@ -39,6 +41,7 @@ __all__ = [
     "compute_dtype",
     "residual_shapes",
     "allocate_residuals",
+    "advise_huge_pages",
     "forward",
     "backward",
     "log_normalizers",
@@ -106,6 +109,26 @@ def residual_shapes(batch: int, frames: int, positions: int, dtype: np.dtype) ->
     grid = (batch, frames, positions)
     f64 = np.dtype(np.float64)
     return Residuals((grid, compute_dtype(dtype)), (grid, f64), (grid, f64), (grid, f64), ((batch,), f64))
+
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def advise_huge_pages(array: np.ndarray) -> None:
+    """Ask Linux to back the untouched pages of a large output buffer with transparent huge pages.
+
+    Writing a fresh gradient buffer is dominated by first-touch page faults on this kind of machine (one per
+    4 KiB page); numpy already gives its own large allocations this advice, but buffers from other
+    allocators (XLA's) do not get it. Only advice: a no-op where unsupported or for small arrays.
+    """
+    if _libc is None or array.nbytes < 2 * _HUGE_PAGE:
+        return
+    start = -(-array.ctypes.data // _HUGE_PAGE) * _HUGE_PAGE  # first huge-page boundary inside the buffer
+    end = (array.ctypes.data + array.nbytes) // _HUGE_PAGE * _HUGE_PAGE
+    if end > start:
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
 
 
 def allocate_residuals(batch: int, frames: int, positions: int, dtype: np.dtype) -> Residuals:
