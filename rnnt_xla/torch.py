@@ -3,9 +3,9 @@ with the seed package's (warprnnt_numba) names and defaults.
 
 The adapter holds no math: it validates the arguments (``rnnt_xla.validation``), hands the tensors'
 memory to the Numba kernels as numpy views (no copy for C-contiguous CPU tensors; other layouts are made
-contiguous once), and reduces with the shared ``rnnt_xla.reductions``. The gradient is computed in ``backward`` from the
-small ``O(B*T*U)`` residuals kept by ``forward``, so no ``B*T*(U+1)*V`` buffer lives between the two
-passes, and none is allocated at all when no gradient is requested.
+contiguous once), and reduces with the shared ``rnnt_xla.reductions``. The gradient is computed in
+``backward`` from the small ``O(B*T*U)`` residuals kept by ``forward``, so no ``B*T*(U+1)*V`` buffer lives
+between the two passes, and none is allocated at all when no gradient is requested.
 
 CUDA tensors go to the CUDA kernels (``rnnt_xla.kernels.cuda``) on the same memory, launched on the current
 stream; only the lengths and labels (for validation), the ``B`` costs and the incoming gradient (for the
