@@ -104,7 +104,9 @@ def _mark_varying(outputs, inputs):
     ``shard_map`` nothing varies and the outputs are returned as they are."""
     axes = set()
     for leaf in jax.tree.leaves(inputs):
-        axes |= getattr(jax.typeof(leaf), "manual_axis_type", None).varying
+        manual = getattr(jax.typeof(leaf), "manual_axis_type", None)
+        if manual is not None:
+            axes |= manual.varying
     if not axes:
         return outputs
     return jax.tree.map(lambda out: jax.lax.pcast(out, tuple(sorted(axes)), to="varying"), outputs)
@@ -186,8 +188,8 @@ def _forward(options: _Options, logits, targets, logit_lengths, target_lengths):
         idx = _indices(targets_buf, logit_lengths_buf, target_lengths_buf)
         check_lengths_and_labels(*idx, options.shape)
         costs = np.empty(idx[2].shape, dtype=cpu.compute_dtype(logits.dtype))
-        cpu.forward(cpu.as_kernel_array(_fold(logits_buf, 3)), *idx, options.shape.blank, options.fused_log_softmax,
-                    options.fastemit_lambda, costs, _host_residuals(residuals))
+        cpu.forward(cpu.as_kernel_array(_fold(logits_buf, 3)), *idx, options.shape.blank,
+                    options.fused_log_softmax, options.fastemit_lambda, costs, _host_residuals(residuals))
         per_call = (-1, B) if options.reduction == "none" else (-1,)
         reduce_costs(costs.reshape(-1, B), idx[2].reshape(-1, B), options.reduction,
                      np.asarray(loss).reshape(per_call), options.mean_batch)

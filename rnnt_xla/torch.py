@@ -33,11 +33,11 @@ def _spec(name: str, tensor: object) -> ArraySpec:
 
 
 def _logits_for_kernels(tensor: torch.Tensor) -> np.ndarray:
-    """Zero-copy numpy view of contiguous CPU logits; float16/bfloat16 as their bits (numpy has no bfloat16)."""
+    """Zero-copy numpy view of contiguous CPU logits, in the form the kernels take (``cpu.as_kernel_array``)."""
     tensor = tensor.detach()
-    if tensor.dtype in (torch.float16, torch.bfloat16):
-        return cpu.as_kernel_array(tensor.view(torch.int16).numpy().view(_NUMPY_16BIT[tensor.dtype]))
-    return tensor.numpy()
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: hand over its bits directly
+        return tensor.view(torch.int16).numpy()
+    return cpu.as_kernel_array(tensor.numpy())
 
 
 def _tensor_from_kernel_array(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -45,9 +45,6 @@ def _tensor_from_kernel_array(array: np.ndarray, dtype: torch.dtype) -> torch.Te
     if dtype in (torch.float16, torch.bfloat16):
         return torch.from_numpy(array.view(np.int16)).view(dtype)
     return torch.from_numpy(array)
-
-
-_NUMPY_16BIT = {torch.float16: np.dtype(np.float16), torch.bfloat16: np.dtype(np.int16)}
 
 
 def _as_index_array(tensor: torch.Tensor) -> np.ndarray:

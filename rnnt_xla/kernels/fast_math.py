@@ -4,6 +4,9 @@ Numba from pip has no SVML, so ``math.exp`` inside a loop stays a scalar libm ca
 on float32 is written in plain arithmetic (Cephes' ``expf``: range reduction, a degree-6 polynomial and
 ``2**n`` assembled from exponent bits), which LLVM turns into SIMD code; on float64 it is ``math.exp``.
 Its error is below 2 ulp on the range the loss uses (arguments <= 0).
+
+Also here: :func:`cast_like` (a value in an array's element type, for dtype-generic kernels) and
+:func:`load`/:func:`store`, which read and write float16/bfloat16 logits and gradients stored as raw bits.
 """
 
 from __future__ import annotations
