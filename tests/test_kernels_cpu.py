@@ -57,6 +57,21 @@ def test_kernels_match_reference(case, dtype, cost_rtol, grad_atol):
     np.testing.assert_allclose(grads, ref_grads, atol=grad_atol, rtol=0)
 
 
+@pytest.mark.parametrize("offsets", [(0, 120, -120, 60), (0, -90, 0, 90), (0, 200, 0, -200)])
+def test_rows_of_a_frame_on_different_scales(offsets):
+    """log_normalizers shifts every row of a frame by the maximum of its first row; rows whose range is far
+    from it (float32 exps that would overflow or underflow) must take the exact per-row path."""
+    rng = np.random.default_rng(5)
+    p = random_problem(rng, 2, 5, 3, 12, variable_lengths=False)
+    p.logits = p.logits + np.asarray(offsets, np.float32)[None, None, :, None]
+    p.logits[:, :, :, 0] = rng.standard_normal((2, 5, 4))  # keep the blank finite: every path stays possible
+    costs, grads = run_kernels(p)
+    ref_costs, ref_grads = reference(p)
+    assert np.all(np.isfinite(costs)) and np.all(np.isfinite(grads))
+    np.testing.assert_allclose(costs, ref_costs, rtol=1e-5)
+    np.testing.assert_allclose(grads, ref_grads, atol=1e-5, rtol=0)
+
+
 def test_padding_gets_exactly_zero_gradient(rng):
     p = random_problem(rng, 4, 12, 6, 9, blank=3)
     p.logit_lengths[:] = [12, 5, 1, 7]
