@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import numba
 import numpy as np
 import pytest
@@ -136,3 +140,29 @@ def test_fast_exp_accuracy_and_special_values(dtype):
     assert rel.max() < 3 * np.finfo(dtype).eps
     assert out[-5] == 0 and out[-4] == 0 and out[-2] == 1
     assert np.isnan(out[-1])
+
+
+def test_first_kernel_load_does_not_import_scipy_and_blas_still_works():
+    """numba_startup keeps Numba's CPU-target start-up from importing scipy.linalg (~0.2 s); jitted user
+    code that needs BLAS must still get it."""
+    code = textwrap.dedent("""
+        import importlib.util, sys
+        import numpy as np
+        from rnnt_xla.kernels import cpu
+        x = np.zeros((1, 2, 1, 3), np.float32)
+        one = np.ones(1, np.int64)
+        cpu.forward(x, np.zeros((1, 0), np.int64), 2 * one, 0 * one, 0, True, 0.0, np.empty(1, np.float32),
+                    cpu.allocate_residuals(1, 2, 1, x.dtype))
+        print("scipy.linalg" in sys.modules)
+        import numba
+        import numba.np.arraymath as arraymath
+        have_scipy = importlib.util.find_spec("scipy") is not None
+        assert arraymath._HAVE_BLAS == have_scipy
+        if have_scipy:
+            dot = numba.njit(lambda a, b: np.dot(a, b))
+            assert np.allclose(dot(np.arange(6.0).reshape(2, 3), np.arange(3.0)), [5.0, 14.0])
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "ok"]

@@ -34,6 +34,9 @@ import numpy as np
 from numba import njit, prange
 
 from .fast_math import cast_like, fast_exp, load, store
+from .numba_startup import import_arraymath_without_scipy
+
+import_arraymath_without_scipy()
 
 __all__ = [
     "Residuals",
