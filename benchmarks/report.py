@@ -176,23 +176,28 @@ def print_report(report: dict, console: Console) -> None:
         console.print(line, markup=False)
 
 
-def markdown(report: dict) -> str:
-    """The same tables as a Markdown document (titles as headings), for the README."""
+def table_markdown(table: Table) -> str:
+    """A ``box.MARKDOWN`` table as Markdown: its title as a ``###`` heading, then the rows (the title is
+    removed from ``table``)."""
     import io
 
+    heading = f"### {table.title}\n\n" if table.title else ""
+    table.title = None
+    buffer = io.StringIO()
+    Console(file=buffer, width=250, color_system=None).print(table)
+    return heading + "\n".join(line.rstrip() for line in buffer.getvalue().strip().splitlines()) + "\n"
+
+
+def markdown(report: dict) -> str:
+    """The same tables as a Markdown document (titles as headings), for the README."""
     env = report["environment"]
     parts = [f"Measured {env['date']} on {env['cpu']} ({env['threads']} threads), commit {env['git_commit']}, "
              f"torch {env.get('torch')}, jax {env.get('jax')}, numba {env.get('numba')}, "
              f"torchaudio {env.get('torchaudio')}.\n"]
     for make in TABLES:
         table = make(report)
-        if not table.row_count:
-            continue
-        parts.append(f"### {table.title}\n")
-        table.title = None
-        buffer = io.StringIO()
-        Console(file=buffer, width=250, color_system=None).print(table)
-        parts.append("\n".join(line.rstrip() for line in buffer.getvalue().strip().splitlines()) + "\n")
+        if table.row_count:
+            parts.append(table_markdown(table))
     parts.append("\n".join(f"- {line}" for line in noise_lines(report)) + "\n")
     return "\n".join(parts)
 
