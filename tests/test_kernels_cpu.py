@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import textwrap
@@ -166,3 +167,42 @@ def test_first_kernel_load_does_not_import_scipy_and_blas_still_works():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "ok"]
+
+
+def test_paused_garbage_collector_restores_the_previous_state():
+    from rnnt_xla.kernels.numba_startup import paused_garbage_collector
+
+    assert gc.isenabled()
+    with paused_garbage_collector():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), paused_garbage_collector():
+        raise RuntimeError("inside")
+    assert gc.isenabled()
+    gc.disable()  # a user who runs without the collector keeps it off
+    try:
+        with paused_garbage_collector():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_only_the_first_call_of_each_entry_point_pauses_the_collector(monkeypatch, rng):
+    """Numba's start-up runs with the collector paused (numba_startup); every later call leaves it alone."""
+    seen = []
+
+    def spy(name, kernel):
+        def wrapper(*args):
+            seen.append((name, gc.isenabled()))
+            return kernel(*args)
+        return wrapper
+
+    monkeypatch.setattr(cpu, "_STARTED", set())
+    monkeypatch.setattr(cpu, "log_normalizers", spy("forward", cpu.log_normalizers))
+    monkeypatch.setattr(cpu, "betas", spy("backward", cpu.betas))
+    p = random_problem(rng, 2, 4, 2, 5)
+    for _ in range(2):
+        run_kernels(p)
+        assert gc.isenabled()
+    assert seen == [("forward", False), ("backward", False), ("forward", True), ("backward", True)]

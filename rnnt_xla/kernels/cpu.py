@@ -34,7 +34,7 @@ import numpy as np
 from numba import njit, prange
 
 from .fast_math import cast_like, fast_exp, load, store
-from .numba_startup import import_arraymath_without_scipy
+from .numba_startup import import_arraymath_without_scipy, paused_garbage_collector
 
 import_arraymath_without_scipy()
 
@@ -63,6 +63,18 @@ _JIT = dict(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
 # process when two threads launch parallel kernels at once; serialise the passes unless a thread-safe
 # layer is active. The layer is only known after the first launch, so that one is serialised too.
 _WORKQUEUE_LOCK = threading.Lock()
+
+
+# Entry points (forward, backward) whose kernels this process has already loaded or compiled.
+_STARTED: set[str] = set()
+
+
+def _start_up_section(entry: str):
+    """The first call of an entry point loads its kernels (Numba's start-up); see ``numba_startup``."""
+    if entry in _STARTED:
+        return contextlib.nullcontext()
+    _STARTED.add(entry)
+    return paused_garbage_collector()
 
 
 def _parallel_section():
@@ -355,7 +367,7 @@ def forward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray, 
             blank: int, fused_log_softmax: bool, fastemit_lambda: float,
             costs: np.ndarray, residuals: Residuals) -> None:
     """Costs ``(B,)`` into ``costs`` and the forward residuals into ``residuals`` (caller-allocated)."""
-    with _parallel_section():
+    with _parallel_section(), _start_up_section("forward"):
         log_normalizers(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax,
                         residuals.log_norm, residuals.log_blank, residuals.log_emit)
         alphas_and_costs(residuals.log_blank, residuals.log_emit, logit_lengths, target_lengths,
@@ -368,7 +380,7 @@ def backward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray,
     """Gradient w.r.t. ``logits`` into ``grads`` (same shape and dtype), each utterance's gradient clamped
     and then multiplied by ``grad_scale: (B,) float64``. Allocates only the ``(B, T, U1)`` betas."""
     beta = np.empty_like(residuals.alphas)
-    with _parallel_section():
+    with _parallel_section(), _start_up_section("backward"):
         betas(residuals.log_blank, residuals.log_emit, logit_lengths, target_lengths, beta)
         gradients(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, fastemit_lambda,
                   clamp, grad_scale, residuals.log_norm, residuals.log_blank, residuals.log_emit,
