@@ -29,14 +29,17 @@ import sys
 import threading
 from typing import NamedTuple
 
-import numba
 import numpy as np
-from numba import njit, prange
 
-from .fast_math import cast_like, fast_exp, load, store
 from .numba_startup import import_arraymath_without_scipy, paused_garbage_collector
 
-import_arraymath_without_scipy()
+with paused_garbage_collector():  # Numba's import is part of its start-up (see numba_startup)
+    import numba
+    from numba import njit, prange
+
+    from .fast_math import cast_like, fast_exp, load, store
+
+    import_arraymath_without_scipy()
 
 __all__ = [
     "Residuals",
