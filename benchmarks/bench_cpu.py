@@ -229,22 +229,31 @@ def run_shapes(shapes: list[Shape], impls: dict[str, Impl], args: argparse.Names
     return results, extras
 
 
-def summarise(results: list[Result], extras: dict[str, list[dict]]) -> None:
-    """Fill in medians, minima, GB/s of logits, ratios to rnnt_xla_torch; link the extras to its times."""
-    for r in results:
-        for mode in MODES:
-            t: Timing = getattr(r, mode)
-            if t.times_s:
-                t.median_s = statistics.median(t.times_s)
-                t.min_s = min(t.times_s)
-                t.gb_per_s = r.logits_bytes / t.median_s / 1e9
-    ref = {(r.shape, mode): getattr(r, mode).median_s for r in results if r.impl == REFERENCE for mode in MODES}
+def summarise_timings(results: list, gb_per_s: Callable[[object, str, float], float]) -> dict:
+    """Fill in each timing's median, minimum, GB/s (``gb_per_s(result, mode, median seconds)``) and ratio to
+    rnnt_xla_torch's median at the same shape and mode; returns those reference medians by (shape, mode).
+    Shared by the CPU and GPU suites (their ``Result``s have ``shape``, ``impl`` and a ``Timing`` per mode)."""
     for r in results:
         for mode in MODES:
             t = getattr(r, mode)
-            base = ref.get((r.shape, mode))
+            if t.times_s:
+                t.median_s = statistics.median(t.times_s)
+                t.min_s = min(t.times_s)
+                t.gb_per_s = gb_per_s(r, mode, t.median_s)
+    ref = {(tuple(r.shape), mode): getattr(r, mode).median_s
+           for r in results if r.impl == REFERENCE for mode in MODES}
+    for r in results:
+        for mode in MODES:
+            t = getattr(r, mode)
+            base = ref.get((tuple(r.shape), mode))
             if base and t.median_s is not None:
                 t.ratio = t.median_s / base
+    return ref
+
+
+def summarise(results: list[Result], extras: dict[str, list[dict]]) -> None:
+    """Fill in medians, minima, GB/s of logits, ratios to rnnt_xla_torch; link the extras to its times."""
+    ref = summarise_timings(results, lambda r, mode, seconds: r.logits_bytes / seconds / 1e9)
     for roof in extras["roofline"]:
         ours = ref.get((roof["shape"], "fwd_bwd"))
         roof["rnnt_xla_s"] = ours

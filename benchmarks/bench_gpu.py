@@ -36,7 +36,6 @@ import os
 import platform
 import re
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -55,7 +54,8 @@ from rich.console import Console  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from bench_cpu import _git_commit, _git_dirty, _version, parse_shape  # noqa: E402
+from bench_cpu import Timing as CpuTiming  # noqa: E402
+from bench_cpu import _git_commit, _git_dirty, _version, parse_shape, summarise_timings  # noqa: E402
 from implementations import (BLANK, ITEMSIZE, ORDER, REFERENCE, Impl, Inputs, Prepared, Shape, load,  # noqa: E402
                              make_inputs)
 from report import _mb, _ms, _ratio, _shape, _table, table_markdown  # noqa: E402
@@ -94,16 +94,10 @@ GRAD_RTOL = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 5e-2}
 
 
 @dataclass
-class Timing:
-    times_s: list[float] = field(default_factory=list)
+class Timing(CpuTiming):
+    """The CPU suite's timing record (``gb_per_s`` here: LOGITS_PASSES[mode] x logits bytes / median), plus:"""
     first_call_s: float | None = None  # the first call, JIT compilation included
-    median_s: float | None = None
-    min_s: float | None = None
-    ratio: float | None = None  # median / rnnt_xla_torch's median, same shape and mode
-    gb_per_s: float | None = None  # LOGITS_PASSES[mode] * logits bytes / median
     fraction_of_peak: float | None = None  # gb_per_s / the GPU's peak memory bandwidth
-    loss: float | None = None
-    error: str | None = None
 
 
 @dataclass
@@ -181,24 +175,17 @@ def relative_difference(value: float | None, reference: float | None) -> float |
 
 def summarise(results: list[Result], peak_bytes_per_s: float | None) -> None:
     """Fill in medians, minima, bandwidths, ratios to rnnt_xla_torch and loss differences."""
+    summarise_timings(results, lambda r, mode, seconds: achieved_gb_per_s(r.logits_bytes, mode, seconds))
     for r in results:
         for mode in MODES:
             t: Timing = getattr(r, mode)
-            if t.times_s:
-                t.median_s = statistics.median(t.times_s)
-                t.min_s = min(t.times_s)
-                t.gb_per_s = achieved_gb_per_s(r.logits_bytes, mode, t.median_s)
-                if peak_bytes_per_s:
-                    t.fraction_of_peak = t.gb_per_s * 1e9 / peak_bytes_per_s
+            if t.gb_per_s is not None and peak_bytes_per_s:
+                t.fraction_of_peak = t.gb_per_s * 1e9 / peak_bytes_per_s
     ref = {tuple(r.shape): r for r in results if r.impl == REFERENCE}
     for r in results:
         base = ref.get(tuple(r.shape))
         if base is None:
             continue
-        for mode in MODES:
-            t, b = getattr(r, mode), getattr(base, mode)
-            if t.median_s is not None and b.median_s:
-                t.ratio = t.median_s / b.median_s
         diffs = [d for d in (relative_difference(getattr(r, m).loss, base.fwd_bwd.loss) for m in MODES)
                  if d is not None]
         r.loss_rel_diff = max(diffs) if diffs else None
