@@ -1,7 +1,7 @@
 """Batch reductions of the per-utterance costs, shared by every adapter (numpy, no framework).
 
 Each reduction is a weighted sum ``loss = sum_b w_b * cost_b`` (weights 1 for ``"none"``, where nothing is
-summed). Doing it here, in float64, instead of with each framework's own ``mean`` makes the torch and JAX
+summed). An empty batch (``B = 0``) reduces to 0 whatever the reduction. Doing it here, in float64, instead of with each framework's own ``mean`` makes the torch and JAX
 adapters give bit-identical results, and gives the backward pass its per-utterance scale
 ``w_b * incoming_gradient`` directly.
 """
@@ -13,20 +13,26 @@ import numpy as np
 __all__ = ["cost_weights", "reduce_costs", "gradient_scale"]
 
 
-def cost_weights(target_lengths: np.ndarray, reduction: str, batch: int | None = None) -> np.ndarray:
+def cost_weights(target_lengths: np.ndarray, reduction: str, batch: int | None = None,
+                 volume: np.ndarray | None = None) -> np.ndarray:
     """Weights ``(N, B) float64`` of the costs for ``target_lengths: (N, B)``.
 
-    ``"none"``/``"sum"``: 1; ``"mean"``: 1/B; ``"mean_by_target_length"``: ``1 / (B * max(U_b, 1))``.
-    ``batch`` overrides B when the costs are one shard of a larger batch.
+    ``"none"``/``"sum"``: 1; ``"mean"``: 1/B; ``"mean_by_target_length"``: ``1 / (B * max(U_b, 1))``;
+    ``"mean_volume"``: ``1 / max(sum_b U_b, 1)`` (NeMo's and Hugging Face's: longer targets weigh more).
+    ``batch`` overrides B and ``volume: (N,)`` the sum of the target lengths when the costs are one shard of
+    a larger batch.
     """
     lengths = np.asarray(target_lengths)
-    batch = batch or lengths.shape[-1]
+    batch = max(batch or lengths.shape[-1], 1)  # B = 0: the weights are empty anyway
     if reduction in ("none", "sum"):
         return np.ones(lengths.shape)
     if reduction == "mean":
         return np.full(lengths.shape, 1.0 / batch)
     if reduction == "mean_by_target_length":
         return 1.0 / (batch * np.maximum(lengths, 1).astype(np.float64))
+    if reduction == "mean_volume":
+        total = lengths.astype(np.float64).sum(axis=-1) if volume is None else np.asarray(volume, np.float64)
+        return np.broadcast_to((1.0 / np.maximum(total, 1.0))[..., None], lengths.shape).copy()
     raise ValueError(f"unknown reduction {reduction!r}")
 
 

@@ -27,7 +27,7 @@ __all__ = [
     "rnnt_loss_reference",
 ]
 
-REDUCTIONS = ("none", "sum", "mean", "mean_by_target_length")
+REDUCTIONS = ("none", "sum", "mean", "mean_by_target_length", "mean_volume")
 
 
 def _logaddexp(a: float, b: float) -> float:
@@ -142,7 +142,8 @@ def rnnt_loss_reference(
         clamp: if ``> 0``, each utterance's gradient w.r.t. ``logits`` is clipped to ``[-clamp, clamp]``
             before the reduction is applied.
         reduction: ``"none"`` (costs ``(B,)``), ``"sum"``, ``"mean"`` (sum / B), or
-            ``"mean_by_target_length"`` (mean over the batch of ``cost_b / max(U_b, 1)``).
+            ``"mean_by_target_length"`` (mean over the batch of ``cost_b / max(U_b, 1)``), or ``"mean_volume"``
+            (``sum_b cost_b / max(sum_b U_b, 1)``, NeMo's).
         fused_log_softmax: apply log-softmax to ``logits`` (True) or take them as log-probabilities.
         fastemit_lambda: FastEmit regularisation weight (>= 0).
 
@@ -180,5 +181,8 @@ def rnnt_loss_reference(
         return np.asarray(costs.sum()), grad
     if reduction == "mean":
         return np.asarray(costs.sum() / B), grad / B
+    if reduction == "mean_volume":
+        volume = max(float(np.sum(target_lengths)), 1.0)
+        return np.asarray(costs.sum() / volume), grad / volume
     per_target = 1.0 / np.maximum(np.asarray(target_lengths, dtype=np.float64), 1.0)
     return np.asarray((costs * per_target).sum() / B), grad * (per_target / B)[:, None, None, None]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
 
 from .kernels import cpu
 from .kernels import cuda as cuda_kernels
@@ -48,8 +47,43 @@ def _tensor_from_kernel_array(array: np.ndarray, dtype: torch.dtype) -> torch.Te
 
 
 def _as_index_array(tensor: torch.Tensor) -> np.ndarray:
-    """The kernels are compiled for int64 indices only; int32 inputs (B or B*U values) are widened."""
-    return np.ascontiguousarray(tensor.detach().numpy(), dtype=np.int64)
+    """A private int64 copy of lengths or labels (B or B*W values; the kernels are compiled for int64).
+
+    Always a copy, also of int64 tensors: the backward pass reads these arrays again, and a data loader
+    that refills its batch buffers in place between forward and backward must not change the gradient (or
+    send the kernels out of bounds). autograd's version counter does not watch numpy views."""
+    return np.array(tensor.detach().numpy(), dtype=np.int64, order="C", copy=True)
+
+
+_SECOND_ORDER_MESSAGE = (
+    "rnnt_xla: the RNNT loss has no second derivative. Its gradient was computed with create_graph=True "
+    "(double backward, torch.autograd.functional.hessian, a gradient penalty through the loss) and cannot be "
+    "differentiated again; compute the loss's gradient without create_graph, or keep the loss out of the "
+    "part of the graph that is differentiated twice.")
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """The loss's gradient as a function of the logits whose own derivative raises a clear error.
+
+    Used when backward runs with ``create_graph=True``. ``once_differentiable`` is not enough: its error
+    node hangs off a detached copy, so a Hessian w.r.t. the logits finds no path through it and comes out
+    silently zero. Here the gradient depends on the logits in the graph, so any second derivative meets
+    the error."""
+
+    @staticmethod
+    def forward(ctx, grads, logits, grad_loss):
+        return grads.view_as(grads)
+
+    @staticmethod
+    def backward(ctx, grad_grads):
+        raise RuntimeError(_SECOND_ORDER_MESSAGE)
+
+
+def _first_order_only(grads: torch.Tensor, logits: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """``grads``, guarded by :class:`_FirstOrderOnly` when backward runs with ``create_graph=True``."""
+    if torch.is_grad_enabled() and (logits.requires_grad or grad_loss.requires_grad):
+        return _FirstOrderOnly.apply(grads, logits, grad_loss)
+    return grads
 
 
 class _RNNTLossFunction(torch.autograd.Function):
@@ -72,7 +106,8 @@ class _RNNTLossFunction(torch.autograd.Function):
         reduce_costs(costs[None], target_lengths_np[None], reduction, loss[None])
         loss = torch.from_numpy(loss)
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(logits_c)
+            # The input itself too: a second derivative must find the logits in the graph (_FirstOrderOnly).
+            ctx.save_for_backward(logits_c, logits)
             ctx.kernel_args = (targets_np, logit_lengths_np, target_lengths_np, shape.blank, fused_log_softmax,
                                fastemit_lambda, clamp)
             ctx.reduction = reduction
@@ -80,9 +115,14 @@ class _RNNTLossFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss):
-        (logits,) = ctx.saved_tensors
+        with torch.no_grad():
+            grads = _RNNTLossFunction._gradient(ctx, grad_loss)
+        return (_first_order_only(grads, ctx.saved_tensors[1], grad_loss),) + (None,) * 8
+
+    @staticmethod
+    def _gradient(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
+        logits = ctx.saved_tensors[0]
         targets, logit_lengths, target_lengths, blank, fused, fastemit_lambda, clamp = ctx.kernel_args
         logits_np = _logits_for_kernels(logits)
         grad_scale = gradient_scale(grad_loss.detach().numpy()[None], target_lengths[None], ctx.reduction)[0]
@@ -91,7 +131,7 @@ class _RNNTLossFunction(torch.autograd.Function):
         grads = np.empty_like(logits_np)
         cpu.backward(logits_np, targets, logit_lengths, target_lengths, blank, fused, fastemit_lambda, clamp,
                      grad_scale, ctx.residuals, grads)
-        return _tensor_from_kernel_array(grads, logits.dtype), None, None, None, None, None, None, None, None
+        return _tensor_from_kernel_array(grads, logits.dtype)
 
 
 class _RNNTLossCUDAFunction(torch.autograd.Function):
@@ -111,7 +151,9 @@ class _RNNTLossCUDAFunction(torch.autograd.Function):
         # The kernels take int32 or int64 indices; one dtype for the three keeps the compiled variants few.
         index_dtype = torch.int64 if torch.int64 in (targets.dtype, logit_lengths.dtype, target_lengths.dtype) \
             else torch.int32
-        indices = [t.detach().to(index_dtype).contiguous() for t in (targets, logit_lengths, target_lengths)]
+        # Private copies, also when no conversion is needed: backward reads them again (see _as_index_array).
+        indices = [t.detach().to(index_dtype, memory_format=torch.contiguous_format, copy=True)
+                   for t in (targets, logit_lengths, target_lengths)]
         logits_c = logits.contiguous()
         B, T, U1, _ = logits_c.shape
         dtype = cuda_kernels.kernel_dtype(str(logits.dtype).removeprefix("torch."))
@@ -125,7 +167,8 @@ class _RNNTLossCUDAFunction(torch.autograd.Function):
         loss = torch.empty((B,) if reduction == "none" else (), dtype=costs.dtype)
         reduce_costs(costs.cpu().numpy()[None], host[2][None], reduction, loss.numpy()[None])
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(logits_c)
+            # The input itself too: a second derivative must find the logits in the graph (_FirstOrderOnly).
+            ctx.save_for_backward(logits_c, logits)
             ctx.kernel_args = (*indices, shape.blank, fused_log_softmax, fastemit_lambda, clamp)
             ctx.host_target_lengths = host[2]
             ctx.reduction = reduction
@@ -133,9 +176,14 @@ class _RNNTLossCUDAFunction(torch.autograd.Function):
         return loss.to(device)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss):
-        (logits,) = ctx.saved_tensors
+        with torch.no_grad():
+            grads = _RNNTLossCUDAFunction._gradient(ctx, grad_loss)
+        return (_first_order_only(grads, ctx.saved_tensors[1], grad_loss),) + (None,) * 8
+
+    @staticmethod
+    def _gradient(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
+        logits = ctx.saved_tensors[0]
         targets, logit_lengths, target_lengths, blank, fused, fastemit_lambda, clamp = ctx.kernel_args
         device = logits.device
         scale = gradient_scale(grad_loss.detach().cpu().numpy()[None], ctx.host_target_lengths[None],
@@ -148,7 +196,7 @@ class _RNNTLossCUDAFunction(torch.autograd.Function):
             cuda_kernels.backward(_cuda_kernel_view(logits), targets, logit_lengths, target_lengths, blank, fused,
                                   fastemit_lambda, clamp, grad_scale, ctx.residuals, _cuda_kernel_view(grads),
                                   stream=torch.cuda.current_stream(device).cuda_stream, betas=betas)
-        return grads, None, None, None, None, None, None, None, None
+        return grads
 
 
 def _cuda_kernel_view(tensor: torch.Tensor) -> torch.Tensor:
@@ -229,9 +277,10 @@ class RNNTLoss(torch.nn.Module):
 class RNNTLossNumba(torch.nn.Module):
     """Drop-in for ``warprnnt_numba.RNNTLossNumba``: same constructor keywords, defaults and forward order.
 
-    ``blank=0``; ``reduction`` ``'none'``/``'sum'``/``'mean'`` (also ``'mean_by_target_length'``);
-    ``clamp <= 0`` disables clamping. ``acts`` are unnormalised logits ``(B, T, U+1, V)``; ``labels`` may be
-    wider than ``U`` (extra columns are ignored) and may contain the blank (e.g. as a BOS token).
+    ``blank=0``; ``reduction`` ``'none'``/``'sum'``/``'mean'`` (also ``'mean_by_target_length'`` and
+    ``'mean_volume'``); ``clamp <= 0`` disables clamping. ``acts`` are unnormalised logits ``(B, T, U+1, V)``;
+    ``labels`` may be wider than ``U`` (extra columns are ignored) and may contain the blank (e.g. as a BOS
+    token). As the seed's, a reduced loss has shape ``(1,)`` (so ``loss[0]`` works); ``'none'`` gives ``(B,)``.
     """
 
     def __init__(self, blank: int = 0, reduction: str = "mean", fastemit_lambda: float = 0.0, clamp: float = -1):
@@ -243,5 +292,6 @@ class RNNTLossNumba(torch.nn.Module):
 
     def forward(self, acts: torch.Tensor, labels: torch.Tensor, act_lens: torch.Tensor,
                 label_lens: torch.Tensor) -> torch.Tensor:
-        return rnnt_loss(acts, labels, act_lens, label_lens, blank=self.blank, clamp=self.clamp,
+        loss = rnnt_loss(acts, labels, act_lens, label_lens, blank=self.blank, clamp=self.clamp,
                          reduction=self.reduction, fused_log_softmax=True, fastemit_lambda=self.fastemit_lambda)
+        return loss if self.reduction == "none" else loss.reshape(1)

@@ -30,7 +30,7 @@ __all__ = [
     "check_lengths_and_labels",
 ]
 
-REDUCTIONS = ("none", "sum", "mean", "mean_by_target_length")
+REDUCTIONS = ("none", "sum", "mean", "mean_by_target_length", "mean_volume")
 LOGIT_DTYPES = ("float32", "float64", "float16", "bfloat16")
 INDEX_DTYPES = ("int32", "int64")
 
@@ -112,8 +112,9 @@ def check_arguments(
         raise ValueError(f"all inputs must be on the same device as logits ({logits.device}); got {placed}")
 
     B, T, U1, V = logits.shape
-    if B < 1 or T < 1 or U1 < 1 or V < 1:
-        raise ValueError(f"logits must have non-empty dimensions (B, T, U+1, V), got shape {tuple(logits.shape)}")
+    if B < 0 or T < 1 or U1 < 1 or V < 1:  # B = 0 (an empty shard) is allowed: the loss is then 0
+        raise ValueError(f"logits must have non-empty dimensions T, U+1 and V (B, T, U+1, V), got shape "
+                         f"{tuple(logits.shape)}")
     for spec in (targets, logit_lengths, target_lengths):
         if spec.shape[0] != B:
             raise ValueError(f"{spec.name} must have batch size {B} (as logits), got shape {tuple(spec.shape)}")

@@ -51,7 +51,7 @@ def problems(draw):
     options = dict(
         blank=draw(st.integers(-V, V - 1)),
         clamp=draw(st.sampled_from([-1.0, 0.0, 0.01, 0.3, 2.0])),
-        reduction=draw(st.sampled_from(["none", "sum", "mean", "mean_by_target_length"])),
+        reduction=draw(st.sampled_from(["none", "sum", "mean", "mean_by_target_length", "mean_volume"])),
         fused_log_softmax=draw(st.booleans()),
         fastemit_lambda=draw(st.sampled_from([0.0, 0.0, 0.001, 0.1, 1.0])),
     )

@@ -112,7 +112,7 @@ def _numeric_gradient(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
 
 
 @pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "mean_by_target_length"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "mean_by_target_length", "mean_volume"])
 def test_reference_gradient_is_the_derivative_of_its_loss(rng, fused, reduction):
     logits = rng.standard_normal((3, 4, 3, 5))
     targets = np.array([[1, 0], [3, 3], [2, 9]])  # a label equal to blank; padding past length 1 ignored
