@@ -1,9 +1,9 @@
 """Batch reductions of the per-utterance costs, shared by every adapter (numpy, no framework).
 
 Each reduction is a weighted sum ``loss = sum_b w_b * cost_b`` (weights 1 for ``"none"``, where nothing is
-summed). An empty batch (``B = 0``) reduces to 0 whatever the reduction. Doing it here, in float64, instead of with each framework's own ``mean`` makes the torch and JAX
-adapters give bit-identical results, and gives the backward pass its per-utterance scale
-``w_b * incoming_gradient`` directly.
+summed); an empty batch (``B = 0``) reduces to 0 whatever the reduction. Doing it here, in float64,
+instead of with each framework's own ``mean`` makes the torch and JAX adapters give bit-identical results,
+and gives the backward pass its per-utterance scale ``w_b * incoming_gradient`` directly.
 """
 
 from __future__ import annotations
