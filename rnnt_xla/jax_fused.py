@@ -61,6 +61,15 @@ def _indices(targets, logit_lengths, target_lengths) -> list[np.ndarray]:
     return [np.asarray(a).astype(np.int64) for a in (targets, logit_lengths, target_lengths)]
 
 
+def _instances(buffers, ranks):
+    """Under ``vmap`` (``vmap_method="broadcast_all"``) every buffer gets the same leading axes: yield, for
+    each leading index, the buffers' numpy views at that index (``ranks``: each buffer's own rank)."""
+    arrays = [np.asarray(b) for b in buffers]
+    lead = arrays[0].shape[:arrays[0].ndim - ranks[0]]
+    for index in np.ndindex(lead):
+        yield [a[index + (Ellipsis,)] for a in arrays]  # with the Ellipsis a 0-d result is a view too
+
+
 def _tile_rows(options: _Options, offsets) -> tuple[slice, int, int]:
     """The tile's utterances (a slice of the batch; the last tile may reach into padding), its first frame
     and how many of its rows are real utterances."""
@@ -78,9 +87,12 @@ class _TileNormalisers:
 
     options: _Options
 
-    def __call__(self, ctx, out, logits_buf, targets_buf, frames_buf, labels_buf, offsets_buf) -> None:
+    def __call__(self, ctx, out, *inputs) -> None:
+        for arrays in _instances([*out, *inputs], (3, 4, 4, 4, 2, 1, 1, 1)):
+            self.one(*arrays)
+
+    def one(self, log_norm, log_blank, log_emit, logits_buf, targets_buf, frames_buf, labels_buf, offsets_buf):
         options = self.options
-        log_norm, log_blank, log_emit = (np.asarray(o) for o in out)
         targets, frames, labels = _indices(targets_buf, frames_buf, labels_buf)
         check_lengths_and_labels(targets, frames, labels, options.shape)
         rows, t0, n = _tile_rows(options, offsets_buf)
@@ -97,9 +109,13 @@ class _Lattice:
 
     options: _Options
 
-    def __call__(self, ctx, out, log_blank_buf, log_emit_buf, frames_buf, labels_buf) -> None:
+    def __call__(self, ctx, out, *inputs) -> None:
+        loss_rank = 1 if self.options.reduction == "none" else 0
+        for arrays in _instances([*out, *inputs], (loss_rank, 4, 2, 4, 4, 1, 1)):
+            self.one(*arrays)
+
+    def one(self, loss, alphas, log_likelihood, log_blank_buf, log_emit_buf, frames_buf, labels_buf) -> None:
         options = self.options
-        loss, alphas, log_likelihood = out
         _, frames, labels = _indices(np.zeros((0,)), frames_buf, labels_buf)
         costs = np.empty(options.shape.batch, dtype=np.asarray(loss).dtype)
         cpu.alphas_and_costs(_f64(log_blank_buf), _f64(log_emit_buf), frames, labels, options.fastemit_lambda,
@@ -113,7 +129,11 @@ class _Betas:
 
     options: _Options
 
-    def __call__(self, ctx, betas, log_blank_buf, log_emit_buf, frames_buf, labels_buf) -> None:
+    def __call__(self, ctx, out, *inputs) -> None:
+        for arrays in _instances([out, *inputs], (4, 4, 4, 1, 1)):
+            self.one(*arrays)
+
+    def one(self, betas, log_blank_buf, log_emit_buf, frames_buf, labels_buf) -> None:
         _, frames, labels = _indices(np.zeros((0,)), frames_buf, labels_buf)
         cpu.betas(_f64(log_blank_buf), _f64(log_emit_buf), frames, labels, _f64(betas))
 
@@ -125,8 +145,13 @@ class _TileGradients:
 
     options: _Options
 
-    def __call__(self, ctx, grads_buf, logits_buf, targets_buf, frames_buf, labels_buf, offsets_buf, log_norm_buf,
-                 log_blank_buf, log_emit_buf, alphas_buf, betas_buf, log_likelihood_buf, grad_loss_buf) -> None:
+    def __call__(self, ctx, out, *inputs) -> None:
+        loss_rank = 1 if self.options.reduction == "none" else 0
+        for arrays in _instances([out, *inputs], (4, 4, 2, 1, 1, 1, 3, 4, 4, 4, 4, 2, loss_rank)):
+            self.one(*arrays)
+
+    def one(self, grads_buf, logits_buf, targets_buf, frames_buf, labels_buf, offsets_buf, log_norm_buf,
+            log_blank_buf, log_emit_buf, alphas_buf, betas_buf, log_likelihood_buf, grad_loss_buf) -> None:
         options = self.options
         T = options.shape.max_frames
         targets, frames, labels = _indices(targets_buf, frames_buf, labels_buf)
@@ -195,7 +220,8 @@ def _forward(options: _Options, joint_fn: JointFn, params, encoder_out, predicto
     enc, pred = _pad_to_grid(options, encoder_out, predictor_out)
     compute = cpu.compute_dtype(np.dtype(options.logits_dtype))
     normalise = buffer_callback(_TileNormalisers(options), (
-        jax.ShapeDtypeStruct((tb, tt, U1), compute), _f64_type((tb, tt, U1)), _f64_type((tb, tt, U1))))
+        jax.ShapeDtypeStruct((tb, tt, U1), compute), _f64_type((tb, tt, U1)), _f64_type((tb, tt, U1))),
+        vmap_method="broadcast_all")
 
     def tile(_, offsets):
         enc_t, pred_t = _tile_inputs(options, enc, pred, offsets)
@@ -206,7 +232,8 @@ def _forward(options: _Options, joint_fn: JointFn, params, encoder_out, predicto
     log_norm, log_blank, log_emit = (_assemble(options, a) for a in per_tile)
     loss_shape = (B,) if options.reduction == "none" else ()
     lattice = buffer_callback(_Lattice(options), (
-        jax.ShapeDtypeStruct(loss_shape, compute), _f64_type((B, T, U1)), _f64_type((B,))))
+        jax.ShapeDtypeStruct(loss_shape, compute), _f64_type((B, T, U1)), _f64_type((B,))),
+        vmap_method="broadcast_all")
     loss, alphas, log_likelihood = lattice(log_blank, log_emit, frames, labels)
     return loss, (log_norm, log_blank, log_emit, alphas, log_likelihood)
 
@@ -225,11 +252,12 @@ def _fused_bwd(options, joint_fn, saved, grad_loss):
     params, encoder_out, predictor_out, targets, frames, labels, residuals = saved
     log_norm, log_blank, log_emit, alphas, log_likelihood = residuals
     B, T, U1 = options.shape.batch, options.shape.max_frames, options.shape.max_labels + 1
-    betas = buffer_callback(_Betas(options), _f64_type((B, T, U1)))(log_blank, log_emit, frames, labels)
+    betas = buffer_callback(_Betas(options), _f64_type((B, T, U1)), vmap_method="broadcast_all")(
+        log_blank, log_emit, frames, labels)
     enc, pred = _pad_to_grid(options, encoder_out, predictor_out)
     tb, tt = options.tile_b, options.tile_t
     logits_type = jax.ShapeDtypeStruct((tb, tt, U1, options.shape.vocab), options.logits_dtype)
-    tile_gradients = buffer_callback(_TileGradients(options), logits_type)
+    tile_gradients = buffer_callback(_TileGradients(options), logits_type, vmap_method="broadcast_all")
 
     def tile(carry, offsets):
         grad_params, grad_pred = carry

@@ -120,3 +120,21 @@ def test_errors_name_the_argument():
     traced = jax.jit(lambda f: fused_rnnt_loss(joint, params, enc, pred, targets, f, labels))
     with pytest.raises(Exception, match="logit_lengths must be in"):
         traced(frames + 1).block_until_ready()
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean_volume"])
+def test_vmap_over_a_leading_axis_matches_each_instance(reduction):
+    params, enc, pred, targets, frames, labels = problem(7)
+    encs, preds = jnp.stack([enc, 2 * enc, -enc]), jnp.stack([pred, pred, 0.5 * pred])
+
+    def loss(p, e, d):
+        return fused_rnnt_loss(joint, p, e, d, targets, frames, labels, blank=0, tile_bytes=600,
+                               reduction=reduction).sum()
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2))
+    values, grads = jax.jit(jax.vmap(grad, in_axes=(None, 0, 0)))(params, encs, preds)
+    for i in range(3):
+        value, expected = grad(params, encs[i], preds[i])
+        np.testing.assert_allclose(values[i], value, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+            np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-6)
