@@ -236,7 +236,29 @@ def _keep_off_the_fast_path() -> None:
     price: about 60 us more per call of the jitted program (Python dispatch and this callback)."""
 
 
+_SECOND_ORDER = ("rnnt_xla.jax.rnnt_loss can be differentiated once, in reverse mode (jax.grad, jax.vjp, "
+                 "jax.value_and_grad, jax.jacrev), w.r.t. the logits: its Numba kernels have no derivatives of "
+                 "their own, so grad-of-grad, jax.hessian and forward mode over its gradient (jax.jvp, "
+                 "jax.jacfwd) are not supported")
+
+
+def _differentiable_once(fun):
+    """``fun(options, *arrays)`` (a kernel callback) as a ``custom_jvp`` whose JVP raises
+    ``NotImplementedError(_SECOND_ORDER)``. Reverse mode never differentiates the callbacks themselves (the
+    ``custom_vjp`` replaces them); only a second derivative or forward mode over the gradient does, and
+    then this names rnnt_xla instead of JAX's "Buffer callbacks do not support JVP"."""
+    fun = jax.custom_jvp(fun, nondiff_argnums=(0,))
+
+    @fun.defjvp
+    def no_derivative(options, primals, tangents):
+        raise NotImplementedError(_SECOND_ORDER)
+
+    return fun
+
+
+@_differentiable_once
 def _forward(options: _Options, logits, targets, logit_lengths, target_lengths):
+    """``(loss, residuals)``: the reduced loss (``(..., B)`` for ``"none"``) and ``cpu.Residuals``."""
     loss_shape = logits.shape[:-3] if options.reduction == "none" else logits.shape[:-4]
     out_types = (jax.ShapeDtypeStruct(loss_shape, cpu.compute_dtype(logits.dtype)), _residual_types(logits))
     run = buffer_callback(_ForwardCallback(options), out_types, vmap_method="broadcast_all")
@@ -246,25 +268,13 @@ def _forward(options: _Options, logits, targets, logit_lengths, target_lengths):
     return _mark_varying(run(*inputs), inputs)
 
 
-_SECOND_ORDER = ("rnnt_xla.jax.rnnt_loss is differentiable once, in reverse mode (jax.grad, jax.vjp, "
-                 "jax.value_and_grad, jax.jacrev) w.r.t. the logits: its gradient is computed by a Numba "
-                 "kernel and has no derivative of its own, so grad-of-grad, jax.hessian and forward-mode "
-                 "autodiff (jax.jvp, jax.jacfwd, jax.linearize of the gradient) are not supported")
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+@_differentiable_once
 def _backward(options: _Options, logits, targets, logit_lengths, target_lengths, residuals, grad_loss):
-    """The gradient w.r.t. the logits, ``(..., B, T, U+1, V)`` in the logits' dtype. A ``custom_jvp`` only
-    so that differentiating it again fails with a message that names rnnt_xla (see ``_SECOND_ORDER``)."""
+    """The gradient w.r.t. the logits, ``(..., B, T, U+1, V)`` in the logits' dtype."""
     run = buffer_callback(_BackwardCallback(options), jax.ShapeDtypeStruct(logits.shape, logits.dtype),
                           vmap_method="broadcast_all")
     inputs = (logits, targets, logit_lengths, target_lengths, residuals, grad_loss)
     return _mark_varying(run(*inputs), inputs)
-
-
-@_backward.defjvp
-def _backward_jvp(options: _Options, primals, tangents):
-    raise NotImplementedError(_SECOND_ORDER)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
