@@ -4,12 +4,22 @@ The loss is a ``jax.custom_vjp`` whose forward and backward are ``jax.experiment
 XLA hands the callbacks its own input and output buffers, the Numba kernels read the logits and write the
 costs, residuals and gradient straight into them (no copies; a test compares the pointers). It works
 eagerly and under ``jit``, ``grad``/``value_and_grad``, ``vmap`` (leading vmapped axes are folded into the
-batch, so the kernels run once over the whole folded batch), ``lax.scan`` and ``checkpoint``.
+batch, so the kernels run once over the whole folded batch), ``lax.scan`` and ``checkpoint``. The
+callbacks are hashable value objects (not closures), and the loss is one jitted program: an eager call
+reuses the program compiled for its shape and options, and keeps no array alive.
 
 Like the torch adapter it keeps only ``O(B*T*U)`` residuals from the forward pass and computes the gradient
 in the backward pass, clamped and scaled by the incoming cotangent in one write. The float64 residuals
 travel between the two passes as uint32 pairs, so they keep full precision without ``jax_enable_x64``
-(and results are bit-identical to the torch adapter's).
+(and results are bit-identical to the torch adapter's). It is differentiable once, in reverse mode: a
+second derivative or forward mode over the gradient raises ``NotImplementedError`` naming rnnt_xla, forward
+mode over the loss raises JAX's ``TypeError`` for a ``custom_vjp``, and ``jax.export`` refuses host
+callbacks (JAX's ``NotImplementedError``).
+
+Multiple devices: when the batch axis of the logits is sharded over mesh axes (seen from an Explicit
+sharding, from a concrete array's ``NamedSharding`` eagerly, or given as ``batch_axis=``), the loss maps
+itself over those axes with ``shard_map``: each device runs the kernels on its own shard, nothing is
+gathered, and the gradient keeps the batch sharding.
 
 On a GPU the same callbacks receive device buffers (``__cuda_array_interface__``) and run the CUDA kernels
 (``rnnt_xla.kernels.cuda``) on them, on XLA's stream (``ctx.stream``). The lengths and labels and the ``B``
@@ -18,8 +28,8 @@ backward pass allocates its betas through Numba and waits for its kernels before
 
 Errors: shapes, dtypes and options are checked while tracing (``TypeError``/``ValueError``, as in torch).
 Lengths and labels are checked before the kernels run: eagerly with the same ``ValueError`` when the
-values are concrete, otherwise inside the callback, where JAX reports the ``ValueError`` message wrapped
-in a ``jax.errors.JaxRuntimeError``.
+values are concrete, otherwise inside the callback, where JAX reports the ``ValueError``'s message in a
+``jax.errors.JaxRuntimeError`` on every call (see ``_keep_off_the_fast_path``).
 """
 
 from __future__ import annotations
