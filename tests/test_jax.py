@@ -279,8 +279,10 @@ for reduction in ["mean", "none", "sum", "mean_by_target_length"]:
     for batch_axis in [None, "data"]:
         per_shard = lambda *s: rnnt_loss(*s, reduction="none", **OPTS, batch_axis=batch_axis)
         mapped = jax.shard_map(per_shard, mesh=mesh, in_specs=(P("data"),) * 4, out_specs=P("data"))
-        step = jax.jit(jax.value_and_grad(lambda x, *r: mapped(x, *r).sum()))
-        check(f"user shard_map batch_axis={batch_axis}", lambda: step(*args), "none", [2, 2], "data", (step, args))
+        total = jax.value_and_grad(lambda x, *r: mapped(x, *r).sum())
+        check(f"user shard_map eager batch_axis={batch_axis}", lambda: total(*args), "none", [2, 2], "data")
+        step = jax.jit(total)
+        check(f"user shard_map jit batch_axis={batch_axis}", lambda: step(*args), "none", [2, 2], "data", (step, args))
 
 # Wrong batch_axis values are reported before anything runs.
 mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Auto,))
