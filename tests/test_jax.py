@@ -195,7 +195,7 @@ batches = []
 forward = cpu.forward
 cpu.forward = lambda x, *a: (batches.append(x.shape[0]), forward(x, *a))[1]
 rng = np.random.default_rng(0)
-B, T, U, V = 4, 6, 3, 5
+B, T, U, V = 4, 6, 3, 6
 inputs = (rng.standard_normal((B, T, U + 1, V)).astype(np.float32), rng.integers(1, V, (B, U)).astype(np.int32),
           np.array([6, 5, 4, 6], np.int32), np.array([3, 2, 1, 0], np.int32))
 OPTS = dict(blank=0, clamp=0.2, fastemit_lambda=0.1)
@@ -272,6 +272,19 @@ for reduction in ["mean", "none", "sum", "mean_by_target_length"]:
             args = put(mesh, P(axes))
             step = jax.jit(value_and_grad(reduction, **({} if kind == "explicit" else {"batch_axis": axes})))
             check(f"2-D {kind} {axes} {reduction}", lambda: step(*args), reduction, per_device, axes, (step, args))
+
+    # Logits also sharded along the vocabulary (Explicit axes): the kernels need whole rows, so those axes
+    # are gathered, and the batch stays split where it was.
+    mesh = jax.make_mesh((2,), ("data",))
+    args = [jax.device_put(inputs[0], NamedSharding(mesh, P(None, None, None, "data"))), *inputs[1:]]
+    step = jax.jit(value_and_grad(reduction))
+    check(f"explicit vocabulary-sharded jit {reduction}", lambda: step(*args), reduction, {4}, None)
+    with jax.set_mesh(mesh):
+        check(f"explicit vocabulary-sharded eager {reduction}", lambda: value_and_grad(reduction)(*args), reduction,
+              {4}, None)
+    mesh = jax.make_mesh((2, 2), ("data", "model"))
+    args = [jax.device_put(inputs[0], NamedSharding(mesh, P("data", None, None, "model"))), *put(mesh, P("data"))[1:]]
+    check(f"explicit batch- and vocabulary-sharded jit {reduction}", lambda: step(*args), reduction, [2] * 4, "data")
 
     # Inside the user's own shard_map: per shard ("none" per shard, summed by the user).
     mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Auto,))
