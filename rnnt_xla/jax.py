@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from .kernels import cpu
 from .kernels import cuda as cuda_kernels
@@ -374,8 +374,8 @@ def rnnt_loss(
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _loss(options: _Options, split: _BatchSplit | None, logits, targets, logit_lengths, target_lengths):
-    """The loss as one jitted program: eager calls then reuse one compiled program per shape and options
-    (dispatching the callbacks op by op compiled each of them anew); under an outer ``jit`` it is inlined."""
+    """The loss as one jitted program, so that an eager call runs one cached program for its shape and
+    options instead of dispatching each operation on its own; under an outer ``jit`` it is inlined."""
     if split is not None:
         return _sharded_over_batch(options, split, logits, targets, logit_lengths, target_lengths)
     # Arrays explicitly sharded other than over the batch: the kernels need whole rows, so gather them.
@@ -384,6 +384,7 @@ def _loss(options: _Options, split: _BatchSplit | None, logits, targets, logit_l
 
 
 def _replicated(a: jax.Array) -> jax.Array:
+    """``a`` gathered onto every device of its mesh if it is explicitly sharded, else ``a`` itself."""
     sharding = jax.typeof(a).sharding
     if getattr(sharding, "spec", None) and any(s is not None for s in sharding.spec):
         return jax.reshard(a, NamedSharding(sharding.mesh, P()))
@@ -425,7 +426,6 @@ def _sharded_over_batch(options: _Options, split: _BatchSplit, logits, targets, 
     mesh, axes = split
     spec = P(axes)
     local = options._replace(shape=dataclasses.replace(options.shape, batch=logits.shape[0] // _mesh_size(mesh, axes)))
-    # Explicitly sharded inputs must match in_specs; inputs on Auto axes are resharded by shard_map itself.
     arrays = [_resharded(a, mesh, spec) for a in (logits, targets, logit_lengths, target_lengths)]
 
     def per_shard(*shard):
@@ -437,8 +437,10 @@ def _sharded_over_batch(options: _Options, split: _BatchSplit, logits, targets, 
 
 
 def _resharded(a: jax.Array, mesh, spec: P) -> jax.Array:
+    """``a`` resharded to ``spec`` if its sharding is explicit and different (``shard_map`` requires
+    explicitly sharded inputs to match its ``in_specs``); on Auto axes ``shard_map`` reshards by itself."""
     sharding = jax.typeof(a).sharding
-    if sharding.mesh.empty or not sharding.mesh._any_axis_explicit:
+    if AxisType.Explicit not in sharding.mesh.axis_types:
         return a
     current = tuple(sharding.spec) + (None,) * (a.ndim - len(sharding.spec))
     wanted = tuple(spec) + (None,) * (a.ndim - len(spec))
