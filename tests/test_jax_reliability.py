@@ -3,6 +3,7 @@ leaked tracers, one error type for bad traced labels on every call, clear errors
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -37,7 +38,7 @@ def rss_mb():
         return int(f.read().split()[1]) * 4096 / 2**20
 
 loss = lambda x, t: rnnt_loss(x, t, *lengths, blank=0)
-for name, f, calls in [("forward", loss, 1000), ("gradient", jax.grad(loss), 300)]:
+for name, f, calls in [("forward", loss, 1000), ("gradient", jax.grad(loss), 200)]:
     for _ in range(20):  # warm-up: the programs of this shape, allocator pools
         jax.block_until_ready(f(*fresh()))
     gc.collect()
@@ -51,7 +52,9 @@ for name, f, calls in [("forward", loss, 1000), ("gradient", jax.grad(loss), 300
 
 
 def test_eager_calls_compile_once_and_keep_memory_flat():
-    result = subprocess.run([sys.executable, "-c", EAGER_SCRIPT], capture_output=True, text=True, timeout=600)
+    # One Numba thread: tiny problems, and the suite's time stays low on a busy machine.
+    env = {**os.environ, "NUMBA_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", EAGER_SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     for line in result.stdout.splitlines():
         name, compiles, growth = line.split()
