@@ -131,3 +131,26 @@ def test_jax_export_is_refused_by_jax():
     x, *rest = tiny_inputs()
     with pytest.raises(NotImplementedError, match="serialization of host_callbacks"):
         jax.export.export(jax.jit(lambda y: rnnt_loss(y, *rest, blank=0)))(x)
+
+
+def test_traced_lengths_inside_scan_checkpoint_vmap_and_cond():
+    """With traced lengths and labels the program carries the effect that keeps errors JaxRuntimeError:
+    it must still work under every transformation (effects are restricted in some)."""
+    x, targets, logit_lengths, target_lengths = tiny_inputs()
+    loss = lambda x, t, a, b: rnnt_loss(x, t, a, b, blank=0)
+
+    def scanned(x, *r):
+        def body(carry, scale):
+            return carry + jax.checkpoint(loss)(x * scale, *r), None
+        return jax.lax.scan(body, jnp.float32(0), jnp.array([1.0, 0.5], jnp.float32))[0]
+
+    value, grad = jax.jit(jax.value_and_grad(scanned))(x, targets, logit_lengths, target_lengths)
+    v1, g1 = jax.value_and_grad(loss)(x, targets, logit_lengths, target_lengths)
+    v2, g2 = jax.value_and_grad(loss)(0.5 * x, targets, logit_lengths, target_lengths)
+    np.testing.assert_allclose(value, v1 + v2, rtol=1e-6)
+    np.testing.assert_allclose(grad, g1 + 0.5 * g2, atol=1e-7)
+    values, _ = jax.jit(jax.vmap(jax.value_and_grad(loss), (0, None, None, None)))(
+        jnp.stack([x, 0.5 * x]), targets, logit_lengths, target_lengths)
+    np.testing.assert_array_equal(values, [v1, v2])
+    guarded = jax.jit(lambda *r: jax.lax.cond(r[3][0] > 0, lambda: loss(*r), lambda: jnp.float32(0)))
+    assert guarded(x, targets, logit_lengths, target_lengths) == v1
