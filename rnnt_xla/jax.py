@@ -243,7 +243,8 @@ def _keep_off_the_fast_path() -> None:
     C++ dispatch path, which is used once a jitted function has run before and reports every run-time
     error as a plain ``ValueError``; JAX's Python path reports them as ``jax.errors.JaxRuntimeError``. So
     traced bad lengths or labels raise ``JaxRuntimeError`` on the first call and on every later one. The
-    price: about 60 us more per call of the jitted program (Python dispatch and this callback)."""
+    price is JAX's slower Python dispatch: 0.1-0.3 ms more per call of the jitted program on the 2-core
+    test machine (0.07 -> 0.2-0.4 ms at a tiny shape, 2.2 -> 2.4 ms fwd+bwd at (4, 100, 30, 128))."""
 
 
 _SECOND_ORDER = ("rnnt_xla.jax.rnnt_loss can be differentiated once, in reverse mode (jax.grad, jax.vjp, "
