@@ -19,7 +19,7 @@ from rnnt_xla.jax import rnnt_loss  # noqa: E402
 # fix each call compiled a new program that kept its input logits alive (300 compiles in 300 calls,
 # +1,470 MB of RSS over 1,000 calls here).
 EAGER_SCRIPT = '''
-import gc, jax, jax.numpy as jnp, numpy as np
+import gc, os, jax, jax.numpy as jnp, numpy as np
 from rnnt_xla.jax import rnnt_loss
 
 compiles = []
@@ -35,7 +35,7 @@ def fresh():
 
 def rss_mb():
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 loss = lambda x, t: rnnt_loss(x, t, *lengths, blank=0)
 for name, f, calls in [("forward", loss, 1000), ("gradient", jax.grad(loss), 200)]:
@@ -56,7 +56,9 @@ def test_eager_calls_compile_once_and_keep_memory_flat():
     env = {**os.environ, "NUMBA_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", EAGER_SCRIPT], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    for line in result.stdout.splitlines():
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["forward", "gradient"], result.stdout
+    for line in lines:
         name, compiles, growth = line.split()
         assert int(compiles) <= 2, line  # fresh inputs of one shape: nothing new to compile
         assert float(growth) < 50, line  # MB; the leak was ~1.5 MB per call
