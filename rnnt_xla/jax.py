@@ -366,6 +366,8 @@ def rnnt_loss(
     concrete = _is_concrete(targets, logit_lengths, target_lengths)
     if concrete:
         check_lengths_and_labels(*_indices(targets, logit_lengths, target_lengths), shape)
+    if shape.batch == 0:  # an empty shard: a zero (or empty) loss, whose gradient is zero
+        return jnp.zeros((0,) if reduction == "none" else (), cpu.compute_dtype(np.dtype(logits.dtype)))
     options = _Options(shape, reduction, bool(fused_log_softmax), float(fastemit_lambda), float(clamp),
                        mean_batch=shape.batch, check_values=not concrete)
     # jnp.asarray on a traced JAX array inserts a copy of the logits in eager jax.grad: convert others only.
@@ -430,6 +432,10 @@ def _sharded_over_batch(options: _Options, split: _BatchSplit, logits, targets, 
     arrays = [_resharded(a, mesh, spec) for a in (logits, targets, logit_lengths, target_lengths)]
 
     def per_shard(*shard):
+        if options.reduction == "mean_volume":  # the volume is the whole batch's: sum, then divide by it
+            loss = jax.lax.psum(_rnnt_loss(local._replace(reduction="sum"), *shard), axes)
+            volume = jax.lax.psum(jnp.sum(shard[3]), axes)
+            return loss / jnp.maximum(volume, 1).astype(loss.dtype)
         loss = _rnnt_loss(local, *shard)
         return loss if options.reduction == "none" else jax.lax.psum(loss, axes)
 

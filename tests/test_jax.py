@@ -19,7 +19,7 @@ from rnnt_xla.kernels import cpu  # noqa: E402
 from rnnt_xla.reference import log_softmax, rnnt_loss_reference  # noqa: E402
 from rnnt_xla.torch import rnnt_loss as torch_rnnt_loss  # noqa: E402
 
-REDUCTIONS = ["none", "sum", "mean", "mean_by_target_length"]
+REDUCTIONS = ["none", "sum", "mean", "mean_by_target_length", "mean_volume"]
 
 
 def jax_inputs(p: Problem):
@@ -218,7 +218,9 @@ def check(case, run, reduction, per_device, batch_spec, hlo=None):
     value, grad = jax.block_until_ready(run())
     np.testing.assert_allclose(value, ref_value, rtol=1e-6, err_msg=case)
     assert (set(batches) if isinstance(per_device, set) else sorted(batches)) == per_device, (case, batches)
-    if grad is not None:
+    if grad is not None and reduction == "mean_volume":  # sharded: the shards' sums over the whole volume
+        np.testing.assert_allclose(grad, ref_grad, rtol=1e-6, atol=1e-9, err_msg=case)
+    elif grad is not None:
         np.testing.assert_array_equal(grad, ref_grad, err_msg=case)
         assert (tuple(grad.sharding.spec) + (None,))[0] == batch_spec, (case, grad.sharding)
     if hlo is not None:
@@ -234,7 +236,7 @@ def put(mesh, spec):
     return [jax.device_put(a, NamedSharding(mesh, spec)) for a in inputs]
 
 
-for reduction in ["mean", "none", "sum", "mean_by_target_length"]:
+for reduction in ["mean", "none", "sum", "mean_by_target_length", "mean_volume"]:
     loss = lambda x, *r, **kw: rnnt_loss(x, *r, reduction=reduction, **OPTS, **kw).sum()
 
     # JAX's default mesh: Explicit axes, no jax.set_mesh. Eager forward and jitted gradient.
@@ -311,6 +313,18 @@ for batch_axis, args, message in [("model", put(mesh, P("data")), "batch_axis mu
         raise AssertionError(f"no error for batch_axis={batch_axis!r}")
 print("sharding ok")
 '''
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_empty_batch_gives_zero_loss_and_zero_gradient(reduction):
+    """An empty shard (B = 0) is not an error, as in torch: the loss is 0 (or empty), the gradient zero."""
+    logits = jnp.zeros((0, 5, 3, 4))
+    index = jnp.zeros((0,), jnp.int32)
+    loss = rnnt_loss(logits, jnp.zeros((0, 2), jnp.int32), index, index, reduction=reduction)
+    assert loss.shape == ((0,) if reduction == "none" else ()) and float(loss.sum()) == 0.0
+    grad = jax.jit(jax.grad(lambda x: rnnt_loss(x, jnp.zeros((0, 2), jnp.int32), index, index,
+                                                reduction=reduction).sum()))(logits)
+    assert grad.shape == logits.shape
 
 
 def test_multi_device_sharding_in_a_subprocess():
