@@ -253,16 +253,16 @@ _SECOND_ORDER = ("rnnt_xla.jax.rnnt_loss can be differentiated once, in reverse 
                  "jax.jacfwd) are not supported")
 
 
-def _differentiable_once(fun):
+def _differentiable_once(fun, message: str = _SECOND_ORDER):
     """``fun(options, *arrays)`` (a kernel callback) as a ``custom_jvp`` whose JVP raises
-    ``NotImplementedError(_SECOND_ORDER)``. Reverse mode never differentiates the callbacks themselves (the
+    ``NotImplementedError(message)``. Reverse mode never differentiates the callbacks themselves (the
     ``custom_vjp`` replaces them); only a second derivative or forward mode over the gradient does, and
     then this names rnnt_xla instead of JAX's "Buffer callbacks do not support JVP"."""
     fun = jax.custom_jvp(fun, nondiff_argnums=(0,))
 
     @fun.defjvp
     def no_derivative(options, primals, tangents):
-        raise NotImplementedError(_SECOND_ORDER)
+        raise NotImplementedError(message)
 
     return fun
 

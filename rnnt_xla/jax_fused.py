@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 
+from .jax import _differentiable_once, _is_concrete, _keep_off_the_fast_path
 from .kernels import cpu
 from .reductions import gradient_scale, reduce_costs
 from .tiling import DEFAULT_TILE_BYTES
@@ -46,6 +47,7 @@ class _Options(NamedTuple):
     tile_b: int  # utterances per tile
     tile_t: int  # frames per tile
     logits_dtype: str  # of the joint's output
+    check_values: bool  # lengths and labels were traced: the callbacks check them
 
 
 def _f64(buffer) -> np.ndarray:
@@ -176,6 +178,52 @@ class _TileGradients:
         grads[:n, :t1 - t0] = out
 
 
+_SECOND_ORDER = ("rnnt_xla.jax.fused_rnnt_loss can be differentiated once, in reverse mode (jax.grad, jax.vjp, "
+                 "jax.value_and_grad, jax.jacrev), w.r.t. params, encoder_out and predictor_out: its Numba kernels "
+                 "have no derivatives of their own, so grad-of-grad, jax.hessian and forward mode over its "
+                 "gradient (jax.jvp, jax.jacfwd) are not supported")
+_once = functools.partial(_differentiable_once, message=_SECOND_ORDER)
+
+
+@_once
+def _normalise(options: _Options, logits, targets, frames, labels, offsets):
+    """Pass 1 on one tile (:class:`_TileNormalisers`)."""
+    tb, tt, U1 = options.tile_b, options.tile_t, options.shape.max_labels + 1
+    compute = cpu.compute_dtype(np.dtype(options.logits_dtype))
+    run = buffer_callback(_TileNormalisers(options), (
+        jax.ShapeDtypeStruct((tb, tt, U1), compute), _f64_type((tb, tt, U1)), _f64_type((tb, tt, U1))),
+        vmap_method="broadcast_all")
+    return run(logits, targets, frames, labels, offsets)
+
+
+@_once
+def _lattice(options: _Options, log_blank, log_emit, frames, labels):
+    """Pass 2 over the batch (:class:`_Lattice`): ``(loss, alphas, log_likelihood)``."""
+    B, T, U1 = options.shape.batch, options.shape.max_frames, options.shape.max_labels + 1
+    compute = cpu.compute_dtype(np.dtype(options.logits_dtype))
+    loss_shape = (B,) if options.reduction == "none" else ()
+    run = buffer_callback(_Lattice(options), (
+        jax.ShapeDtypeStruct(loss_shape, compute), _f64_type((B, T, U1)), _f64_type((B,))),
+        vmap_method="broadcast_all")
+    return run(log_blank, log_emit, frames, labels)
+
+
+@_once
+def _betas(options: _Options, log_blank, log_emit, frames, labels):
+    """Pass 3 over the batch (:class:`_Betas`)."""
+    B, T, U1 = options.shape.batch, options.shape.max_frames, options.shape.max_labels + 1
+    run = buffer_callback(_Betas(options), _f64_type((B, T, U1)), vmap_method="broadcast_all")
+    return run(log_blank, log_emit, frames, labels)
+
+
+@_once
+def _tile_gradients(options: _Options, logits, *arrays):
+    """Pass 4 on one tile (:class:`_TileGradients`): the gradient w.r.t. the tile's logits."""
+    run = buffer_callback(_TileGradients(options), jax.ShapeDtypeStruct(logits.shape, logits.dtype),
+                          vmap_method="broadcast_all")
+    return run(logits, *arrays)
+
+
 def _tile_grid(options: _Options) -> tuple[int, int]:
     B, T = options.shape.batch, options.shape.max_frames
     return -(-B // options.tile_b), -(-T // options.tile_t)
@@ -215,26 +263,18 @@ def _assemble(options: _Options, tiles: jax.Array) -> jax.Array:
 
 
 def _forward(options: _Options, joint_fn: JointFn, params, encoder_out, predictor_out, targets, frames, labels):
-    B, T, U1 = options.shape.batch, options.shape.max_frames, options.shape.max_labels + 1
-    tb, tt = options.tile_b, options.tile_t
     enc, pred = _pad_to_grid(options, encoder_out, predictor_out)
-    compute = cpu.compute_dtype(np.dtype(options.logits_dtype))
-    normalise = buffer_callback(_TileNormalisers(options), (
-        jax.ShapeDtypeStruct((tb, tt, U1), compute), _f64_type((tb, tt, U1)), _f64_type((tb, tt, U1))),
-        vmap_method="broadcast_all")
+    if options.check_values:  # traced lengths and labels, checked in the callbacks (see rnnt_xla.jax)
+        jax.debug.callback(_keep_off_the_fast_path)
 
     def tile(_, offsets):
         enc_t, pred_t = _tile_inputs(options, enc, pred, offsets)
         logits = joint_fn(params, enc_t, pred_t)
-        return None, normalise(logits, targets, frames, labels, offsets)
+        return None, _normalise(options, logits, targets, frames, labels, offsets)
 
     _, per_tile = jax.lax.scan(tile, None, _tile_offsets(options))
     log_norm, log_blank, log_emit = (_assemble(options, a) for a in per_tile)
-    loss_shape = (B,) if options.reduction == "none" else ()
-    lattice = buffer_callback(_Lattice(options), (
-        jax.ShapeDtypeStruct(loss_shape, compute), _f64_type((B, T, U1)), _f64_type((B,))),
-        vmap_method="broadcast_all")
-    loss, alphas, log_likelihood = lattice(log_blank, log_emit, frames, labels)
+    loss, alphas, log_likelihood = _lattice(options, log_blank, log_emit, frames, labels)
     return loss, (log_norm, log_blank, log_emit, alphas, log_likelihood)
 
 
@@ -251,20 +291,17 @@ def _fused_fwd(options, joint_fn, params, encoder_out, predictor_out, targets, f
 def _fused_bwd(options, joint_fn, saved, grad_loss):
     params, encoder_out, predictor_out, targets, frames, labels, residuals = saved
     log_norm, log_blank, log_emit, alphas, log_likelihood = residuals
-    B, T, U1 = options.shape.batch, options.shape.max_frames, options.shape.max_labels + 1
-    betas = buffer_callback(_Betas(options), _f64_type((B, T, U1)), vmap_method="broadcast_all")(
-        log_blank, log_emit, frames, labels)
+    B = options.shape.batch
+    betas = _betas(options, log_blank, log_emit, frames, labels)
     enc, pred = _pad_to_grid(options, encoder_out, predictor_out)
-    tb, tt = options.tile_b, options.tile_t
-    logits_type = jax.ShapeDtypeStruct((tb, tt, U1, options.shape.vocab), options.logits_dtype)
-    tile_gradients = buffer_callback(_TileGradients(options), logits_type, vmap_method="broadcast_all")
+    tb = options.tile_b
 
     def tile(carry, offsets):
         grad_params, grad_pred = carry
         enc_t, pred_t = _tile_inputs(options, enc, pred, offsets)
         logits, pull_back = jax.vjp(lambda p, e, d: joint_fn(p, e, d), params, enc_t, pred_t)
-        grads = tile_gradients(logits, targets, frames, labels, offsets, log_norm, log_blank, log_emit, alphas, betas,
-                               log_likelihood, grad_loss)
+        grads = _tile_gradients(options, logits, targets, frames, labels, offsets, log_norm, log_blank, log_emit,
+                                alphas, betas, log_likelihood, grad_loss)
         d_params, d_enc, d_pred = pull_back(grads)
         grad_params = jax.tree.map(jnp.add, grad_params, d_params)
         grad_pred = jax.lax.dynamic_update_slice_in_dim(
@@ -343,8 +380,10 @@ def fused_rnnt_loss(
     shape = check_arguments(*specs, blank=blank, clamp=clamp, reduction=reduction, fused_log_softmax=True,
                             fastemit_lambda=fastemit_lambda)
     indices = [a if isinstance(a, jax.Array) else jnp.asarray(a) for a in (targets, logit_lengths, target_lengths)]
-    if not any(isinstance(a, jax.core.Tracer) for a in indices):
+    concrete = _is_concrete(*indices)
+    if concrete:
         check_lengths_and_labels(*_indices(*indices), shape)
     tile_b, tile_t = _tile_sizes(B, T, U1, V, np.dtype(probe.dtype).itemsize, tile_bytes) if B else (1, 1)
-    options = _Options(shape, reduction, float(fastemit_lambda), float(clamp), tile_b, tile_t, np.dtype(probe.dtype).name)
+    options = _Options(shape, reduction, float(fastemit_lambda), float(clamp), tile_b, tile_t,
+                       np.dtype(probe.dtype).name, check_values=not concrete)
     return _fused(options, joint_fn, params, encoder_out, predictor_out, *indices)
