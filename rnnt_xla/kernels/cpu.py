@@ -4,6 +4,8 @@ The loss is computed in four passes, none of which materialises a ``B*T*(U+1)*V`
 
 1. :func:`log_normalizers` (parallel over frames): the log-softmax normaliser of every used
    ``(b, t, u)`` row of the logits, and the two log-probabilities the lattice needs, blank and next label.
+   The normaliser is kept as a shift plus the log of a sum, never as their rounded sum, so that costs and
+   gradients are as accurate far from 0 (a common offset of 1e5, rows of -1e20) as near it.
 2. :func:`alphas_and_costs` (parallel over the batch): forward variables and costs.
 3. :func:`betas` (parallel over the batch): backward variables, only when a gradient is wanted.
 4. :func:`gradients` (parallel over frames): the gradient w.r.t. the logits (or log-probabilities), already
@@ -340,7 +342,8 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, fused_log_s
     With P_blank and P_label the posteriors of the blank and label transitions out of ``(t, u)``, the
     gradient w.r.t. the log-probabilities is ``-P_blank`` at the blank and ``-(1 + lambda) * P_label`` at
     the label (both when they coincide); through the fused log-softmax every entry also gets
-    ``softmax_v * (P_blank + (1 + lambda) * P_label)``.
+    ``softmax_v * (P_blank + (1 + lambda) * P_label)``, with ``softmax_v = exp(x_v - shift) / sum`` from
+    :func:`_softmax_scale` (the blank and label entries from their float64 log-probabilities).
     """
     B, T, U1, V = logits.shape
     emit_weight = 1.0 + fastemit_lambda

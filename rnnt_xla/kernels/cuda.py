@@ -10,20 +10,22 @@ arrays); they are used in place, never copied. Every launch goes on the caller's
 Kernels (``B`` batch, ``T`` max frames, ``U1 = U + 1`` label positions, ``V`` vocabulary):
 
 1. :func:`log_normalizers`: one block per ``(b, t, u)`` row, threads strided over ``V`` (coalesced), the row
-   maximum and the sum of exponentials reduced through shared memory; thread 0 writes the row's
-   log-normaliser and its blank and next-label log-probabilities. Rows outside an utterance are skipped.
+   maximum and the sum of exponentials reduced through shared memory; thread 0 writes the row's shift
+   (its maximum) and its blank and next-label log-probabilities. Rows outside an utterance are skipped.
 2. :func:`alphas_and_costs`: one block per utterance, threads over ``u``, a wavefront over the
    anti-diagonals ``t + u = n`` (every cell of a diagonal depends only on the previous one), one
    ``syncthreads`` per diagonal; thread 0 then writes ``log P(y|x)`` and the cost.
 3. :func:`betas`: the same wavefront, backwards.
 4. :func:`gradients`: one block per ``(b, t, u)`` row, threads strided over ``V``: thread 0 computes the
-   row's two transition posteriors and shares them through shared memory, then each thread writes its
-   entries once, clamped and scaled. Padded rows are written with exact zeros.
+   row's two transition posteriors and softmax weight and shares them through shared memory, then each
+   thread writes its entries once, clamped and scaled. Padded rows are written with exact zeros.
 
 Precision, as in the CPU kernels: the passes over ``V`` compute in float64 for float64 logits and in float32
 for float32, float16 and bfloat16 logits (16-bit logits are read element by element and their gradient is
-rounded back to 16 bits); the lattice (residuals, alphas, betas, posteriors) is float64. Only the
-gradient buffer is ``B*T*U1*V``; the backward pass needs one ``(B, T, U1)`` float64 workspace for the betas.
+rounded back to 16 bits); the lattice (residuals, alphas, betas, posteriors) is float64. As on the CPU, a
+row's log-normaliser is kept as its shift and the log of its sum, never as their rounded sum, so that
+logits far from 0 lose no accuracy. Only the gradient buffer is ``B*T*U1*V``; the backward pass needs one
+``(B, T, U1)`` float64 workspace for the betas.
 
 ``numba.cuda`` is imported on first use, so this module imports without numba-cuda or a GPU. Kernels are
 compiled on first launch for each logits dtype (and index dtype), then cached by Numba for the process.

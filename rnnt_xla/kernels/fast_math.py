@@ -3,7 +3,8 @@
 Numba from pip has no SVML, so ``math.exp`` inside a loop stays a scalar libm call. :func:`fast_exp`
 on float32 is written in plain arithmetic (Cephes' ``expf``: range reduction, a degree-6 polynomial and
 ``2**n`` assembled from exponent bits), which LLVM turns into SIMD code; on float64 it is ``math.exp``.
-Its error is below 2 ulp on the range the loss uses (arguments <= 0).
+Its error is below 2 ulp on the range the loss uses (arguments up to 70: the shifts of the
+softmax keep ``x - shift <= log(1e30)``); from 88.38 on it returns +inf.
 
 Also here: :func:`cast_like` (a value in an array's element type, for dtype-generic kernels),
 :func:`load`/:func:`store`, which read and write float16/bfloat16 logits and gradients stored as raw bits, and
