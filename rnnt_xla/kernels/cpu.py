@@ -215,7 +215,7 @@ def log_normalizers(logits, targets, logit_lengths, target_lengths, blank, fused
     stored in ``log_norm``) and ``log_sum = log(sum_v exp(x_v - shift))``: the log-probabilities are
     ``(x - shift) - log_sum`` in float64, exact for any finite logits, whereas the rounded sum
     ``shift + log_sum`` would lose ``log_sum`` next to a large shift. ``log_sum`` itself is not stored: the
-    gradient pass recovers it from ``log_blank`` (:func:`_softmax_scale`).
+    gradient pass recovers it from ``log_blank`` (see ``_PIVOT_LIMIT``).
 
     The rows of one frame share its encoder output, so their maxima are close: each row's sum of exps is
     shifted by the maximum of the frame's first row instead of its own maximum, which saves a pass over
@@ -255,19 +255,6 @@ def log_normalizers(logits, targets, logit_lengths, target_lengths, blank, fused
 # is about |log_blank| * 2**-53: trusted while |log_blank| <= 2**20 (an error below 1e-9). Rows whose
 # blank is masked or absurdly unlikely recompute their own maximum and sum instead.
 _PIVOT_LIMIT = 2.0**20
-
-
-@njit(**_JIT)
-def _softmax_scale(row, blank, shift, log_blank, like):
-    """``(shift, 1 / sum_v exp(x_v - shift))`` of a row, so that ``softmax_v = exp(x_v - shift) / sum``:
-    the stored shift (compute dtype of ``like``) and the sum recovered from the blank's log-probability
-    ``(x_blank - shift) - log(sum)``, or, when the blank cannot be trusted (see ``_PIVOT_LIMIT``), the
-    row's own maximum and sum. ``exp(x_v - shift)`` cannot overflow: ``log_normalizers`` only keeps a
-    shared shift for rows whose sum is at most ``_SUM_HIGH``."""
-    if abs(log_blank) <= _PIVOT_LIMIT:
-        return shift, math.exp(-_log_prob(load(row, blank), shift, log_blank))
-    m = _row_max(row)
-    return m, 1.0 / np.float64(_sum_of_exp(row, m, like))
 
 
 @njit
@@ -342,8 +329,8 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, fused_log_s
     With P_blank and P_label the posteriors of the blank and label transitions out of ``(t, u)``, the
     gradient w.r.t. the log-probabilities is ``-P_blank`` at the blank and ``-(1 + lambda) * P_label`` at
     the label (both when they coincide); through the fused log-softmax every entry also gets
-    ``softmax_v * (P_blank + (1 + lambda) * P_label)``, with ``softmax_v = exp(x_v - shift) / sum`` from
-    :func:`_softmax_scale` (the blank and label entries from their float64 log-probabilities).
+    ``softmax_v * (P_blank + (1 + lambda) * P_label)``, with ``softmax_v = exp(x_v - shift) / sum`` (the
+    blank and label entries from the lattice's log-probabilities).
     """
     B, T, U1, V = logits.shape
     emit_weight = 1.0 + fastemit_lambda
@@ -377,8 +364,15 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, fused_log_s
             if fused_log_softmax:
                 occupancy = p_blank + emit
                 # softmax = exp(x - shift) / sum: x - shift is exact-ish whatever the logits' common offset
-                # (the rounded log-sum-exp is not), see log_normalizers
-                shift, inv_sum = _softmax_scale(row, blank, log_norm[b, t, u], log_blank[b, t, u], log_norm)
+                # (the rounded log-sum-exp is not), see log_normalizers. exp(x - shift) cannot overflow:
+                # a shift shared by the frame is only kept for rows whose sum is at most _SUM_HIGH.
+                shift = log_norm[b, t, u]
+                lb = log_blank[b, t, u]
+                if abs(lb) <= _PIVOT_LIMIT:  # log(sum) = (x_blank - shift) - log_blank
+                    inv_sum = math.exp(-_log_prob(load(row, blank), shift, lb))
+                else:  # a masked or hopeless blank (rare): the row's own maximum and sum
+                    shift = _row_max(row)
+                    inv_sum = 1.0 / np.float64(_sum_of_exp(row, shift, log_norm))
                 if clamp > 0:
                     occ = cast_like(occupancy * inv_sum, log_norm)
                     lim = cast_like(limit, log_norm)
@@ -392,9 +386,10 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, fused_log_s
                     weight = cast_like(occupancy * inv_sum * scale, log_norm)
                     for v in range(V):
                         store(g, v, fast_exp(load(row, v) - shift) * weight)
-                # the blank and the label from their float64 log-probabilities (the lattice's own)
-                g_blank = math.exp(log_blank[b, t, u]) * occupancy - p_blank
-                g_label = math.exp(log_emit[b, t, u]) * occupancy - emit if u < U_b else 0.0
+                # the blank and the label from the lattice's log-probabilities, exponentiated in the compute
+                # dtype (a float32 exp is cheaper; its absolute error exp(lp) * |lp| * eps is at most eps)
+                g_blank = math.exp(cast_like(lb, log_norm)) * occupancy - p_blank
+                g_label = math.exp(cast_like(log_emit[b, t, u], log_norm)) * occupancy - emit if u < U_b else 0.0
             else:
                 g[:] = 0
                 g_blank = -p_blank

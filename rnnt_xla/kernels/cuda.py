@@ -370,8 +370,9 @@ def _python_kernels(dtype: np.dtype) -> _Kernels:
             recovered = 1.0
             if fused_log_softmax:
                 occupancy = p_blank + emit
-                g_blank = math.exp(lb) * occupancy - p_blank  # from the lattice's float64 log-probabilities
-                g_label = math.exp(log_emit[b, t, u]) * occupancy - emit if u < U_b else 0.0
+                # from the lattice's log-probabilities, exponentiated in the compute dtype (as on the CPU)
+                g_blank = math.exp(float_t(lb)) * occupancy - p_blank
+                g_label = math.exp(float_t(log_emit[b, t, u])) * occupancy - emit if u < U_b else 0.0
                 if abs(lb) <= _PIVOT_LIMIT:  # 1 / sum = exp(-log_sum), log_sum = (x_blank - shift) - log_blank
                     terms[2] = occupancy * math.exp(lb - (np.float64(load(row[blank])) - np.float64(shift)))
                 else:
