@@ -251,10 +251,11 @@ def log_normalizers(logits, targets, logit_lengths, target_lengths, blank, fused
             log_emit[b, t, u] = _log_prob(load(row, targets[b, u]), shift, log_sum) if u < U_b else -np.inf
 
 
-# The gradient pass recovers a row's log_sum from its blank log-probability, whose absolute rounding error
-# is about |log_blank| * 2**-53: trusted while |log_blank| <= 2**20 (an error below 1e-9). Rows whose
-# blank is masked or absurdly unlikely recompute their own maximum and sum instead.
-_PIVOT_LIMIT = 2.0**20
+# The gradient pass recovers a row's log_sum as (x_blank - shift) - log_blank, exact up to the rounding of
+# the float64 log_blank and x_blank - shift, about |log_blank| * 2**-52: trusted while |log_blank| <= 2**10
+# (an error below 3e-13, also for float64 logits). Rows whose blank is masked or has a probability below
+# e**-1024 recompute their own maximum and sum instead (two more passes over those rows).
+_PIVOT_LIMIT = 2.0**10
 
 
 @njit
