@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 
-from .jax import _differentiable_once, _is_concrete, _keep_off_the_fast_path
+from .jax import (_BatchSplit, _batch_split, _differentiable_once, _is_concrete, _keep_off_the_fast_path,
+                  _mark_varying, _mesh_size, _resharded)
 from .kernels import cpu
 from .reductions import gradient_scale, reduce_costs
 from .tiling import DEFAULT_TILE_BYTES
@@ -48,6 +49,7 @@ class _Options(NamedTuple):
     tile_t: int  # frames per tile
     logits_dtype: str  # of the joint's output
     check_values: bool  # lengths and labels were traced: the callbacks check them
+    mean_batch: int  # the B of "mean" reductions: the whole batch, also when this call sees one shard
 
 
 def _f64(buffer) -> np.ndarray:
@@ -122,7 +124,7 @@ class _Lattice:
         costs = np.empty(options.shape.batch, dtype=np.asarray(loss).dtype)
         cpu.alphas_and_costs(_f64(log_blank_buf), _f64(log_emit_buf), frames, labels, options.fastemit_lambda,
                              _f64(alphas), _f64(log_likelihood), costs)
-        reduce_costs(costs[None], labels[None], options.reduction, np.asarray(loss)[None])
+        reduce_costs(costs[None], labels[None], options.reduction, np.asarray(loss)[None], options.mean_batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +166,8 @@ class _TileGradients:
         grads[:n, t1 - t0:] = 0  # frames of the last tile past T (padding of the tile grid)
         if t1 <= t0 or n == 0:
             return
-        scale = gradient_scale(np.asarray(grad_loss_buf)[None], labels[None], options.reduction)[0]
+        scale = gradient_scale(np.asarray(grad_loss_buf)[None], labels[None], options.reduction,
+                               options.mean_batch)[0]
         residuals = [np.ascontiguousarray(a[rows, t0:t1]) for a in
                      (np.asarray(log_norm_buf), _f64(log_blank_buf), _f64(log_emit_buf), _f64(alphas_buf))]
         betas = _f64(betas_buf)
@@ -193,7 +196,8 @@ def _normalise(options: _Options, logits, targets, frames, labels, offsets):
     run = buffer_callback(_TileNormalisers(options), (
         jax.ShapeDtypeStruct((tb, tt, U1), compute), _f64_type((tb, tt, U1)), _f64_type((tb, tt, U1))),
         vmap_method="broadcast_all")
-    return run(logits, targets, frames, labels, offsets)
+    inputs = (logits, targets, frames, labels, offsets)
+    return _mark_varying(run(*inputs), inputs)
 
 
 @_once
@@ -205,7 +209,8 @@ def _lattice(options: _Options, log_blank, log_emit, frames, labels):
     run = buffer_callback(_Lattice(options), (
         jax.ShapeDtypeStruct(loss_shape, compute), _f64_type((B, T, U1)), _f64_type((B,))),
         vmap_method="broadcast_all")
-    return run(log_blank, log_emit, frames, labels)
+    inputs = (log_blank, log_emit, frames, labels)
+    return _mark_varying(run(*inputs), inputs)
 
 
 @_once
@@ -213,7 +218,8 @@ def _betas(options: _Options, log_blank, log_emit, frames, labels):
     """Pass 3 over the batch (:class:`_Betas`)."""
     B, T, U1 = options.shape.batch, options.shape.max_frames, options.shape.max_labels + 1
     run = buffer_callback(_Betas(options), _f64_type((B, T, U1)), vmap_method="broadcast_all")
-    return run(log_blank, log_emit, frames, labels)
+    inputs = (log_blank, log_emit, frames, labels)
+    return _mark_varying(run(*inputs), inputs)
 
 
 @_once
@@ -221,7 +227,7 @@ def _tile_gradients(options: _Options, logits, *arrays):
     """Pass 4 on one tile (:class:`_TileGradients`): the gradient w.r.t. the tile's logits."""
     run = buffer_callback(_TileGradients(options), jax.ShapeDtypeStruct(logits.shape, logits.dtype),
                           vmap_method="broadcast_all")
-    return run(logits, *arrays)
+    return _mark_varying(run(logits, *arrays), (logits, *arrays))
 
 
 def _tile_grid(options: _Options) -> tuple[int, int]:
@@ -341,6 +347,8 @@ def fused_rnnt_loss(
     reduction: str = "mean",
     fastemit_lambda: float = 0.0,
     tile_bytes: int | None = None,
+    *,
+    batch_axis: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     """``rnnt_loss(joint_fn(params, encoder_out, predictor_out), ...)`` without the full logits.
 
@@ -351,6 +359,8 @@ def fused_rnnt_loss(
         encoder_out: ``(B, T, E)``, predictor_out: ``(B, U+1, P)``; differentiable.
         targets, logit_lengths, target_lengths, blank, clamp, reduction, fastemit_lambda: as ``rnnt_loss``.
         tile_bytes: the most bytes one tile's logits take (default ``rnnt_xla.tiling.DEFAULT_TILE_BYTES``).
+        batch_axis: as ``rnnt_loss``: the mesh axes that shard the batch, when the sharding of
+            ``encoder_out`` does not say so (Auto axes under ``jit``); each device then runs its own shard.
 
     Returns:
         As ``rnnt_loss``; differentiable w.r.t. ``params``, ``encoder_out`` and ``predictor_out``.
@@ -385,5 +395,34 @@ def fused_rnnt_loss(
         check_lengths_and_labels(*_indices(*indices), shape)
     tile_b, tile_t = _tile_sizes(B, T, U1, V, np.dtype(probe.dtype).itemsize, tile_bytes) if B else (1, 1)
     options = _Options(shape, reduction, float(fastemit_lambda), float(clamp), tile_b, tile_t,
-                       np.dtype(probe.dtype).name, check_values=not concrete)
+                       np.dtype(probe.dtype).name, check_values=not concrete, mean_batch=B)
+    split = _batch_split(encoder_out, batch_axis) if B else None
+    if split is not None:
+        return _sharded_over_batch(options, split, joint_fn, params, encoder_out, predictor_out, *indices)
     return _fused(options, joint_fn, params, encoder_out, predictor_out, *indices)
+
+
+def _sharded_over_batch(options: _Options, split: _BatchSplit, joint_fn: JointFn, params, encoder_out,
+                        predictor_out, targets, frames, labels):
+    """Each device runs the fused loss on its own shard of the batch (``shard_map``), the joint's
+    parameters replicated; the reduced loss is summed across devices (``mean_volume``: the shards' sums over
+    the whole batch's volume), and the parameters' gradient is summed by ``shard_map``'s transpose."""
+    mesh, axes = split
+    spec = jax.sharding.PartitionSpec(axes)
+    n = _mesh_size(mesh, axes)
+    B = options.shape.batch // n
+    tile_b = min(options.tile_b, B)
+    local = options._replace(shape=dataclasses.replace(options.shape, batch=B), tile_b=tile_b)
+    arrays = [_resharded(a, mesh, spec) for a in (encoder_out, predictor_out, targets, frames, labels)]
+
+    def per_shard(params, *shard):
+        if options.reduction == "mean_volume":
+            loss = jax.lax.psum(_fused(local._replace(reduction="sum"), joint_fn, params, *shard), axes)
+            return loss / jnp.maximum(jax.lax.psum(jnp.sum(shard[4]), axes), 1).astype(loss.dtype)
+        loss = _fused(local, joint_fn, params, *shard)
+        return loss if options.reduction == "none" else jax.lax.psum(loss, axes)
+
+    replicated = jax.tree.map(lambda _: jax.sharding.PartitionSpec(), params)
+    out_spec = spec if options.reduction == "none" else jax.sharding.PartitionSpec()
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=(replicated,) + (spec,) * 5, out_specs=out_spec)(
+        params, *arrays)

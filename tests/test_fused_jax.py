@@ -3,6 +3,7 @@ plans a full logits buffer, errors."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -150,3 +151,37 @@ def test_second_order_and_traced_errors_name_rnnt_xla():
         with pytest.raises(jax.errors.JaxRuntimeError, match="logit_lengths must be in"):
             step(frames + 1).block_until_ready()
         step(frames).block_until_ready()
+
+
+SHARDING_SCRIPT = """
+import jax, jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+import test_fused_jax as t
+from rnnt_xla.jax_fused import fused_rnnt_loss
+
+params, enc, pred, targets, frames, labels = t.problem(0, B=4)
+for reduction in ["sum", "mean", "none", "mean_volume"]:
+    def loss(p, *arrays, **kw):
+        return fused_rnnt_loss(t.joint, p, *arrays, blank=0, tile_bytes=600, reduction=reduction, **kw).sum()
+    ref_value, ref_grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(params, enc, pred, targets, frames, labels)
+    for types, kw in [((AxisType.Explicit,), {}), ((AxisType.Auto,), {"batch_axis": "data"})]:
+        mesh = jax.make_mesh((2,), ("data",), axis_types=types)
+        arrays = [jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (enc, pred, targets, frames, labels)]
+        replicated = jax.device_put(params, NamedSharding(mesh, P()))
+        step = jax.jit(jax.value_and_grad(lambda p, *a: loss(p, *a, **kw), argnums=(0, 1, 2)))
+        value, grads = step(replicated, *arrays)
+        assert abs(float(value - ref_value)) < 1e-4, (reduction, types, value, ref_value)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+            assert float(jnp.abs(a - b).max()) < 1e-5, (reduction, types)
+        assert grads[1].sharding.spec[0] == "data", grads[1].sharding
+        assert "all-gather" not in step.lower(replicated, *arrays).compile().as_text(), (reduction, types)
+print("sharding ok")
+"""
+
+
+def test_batch_sharded_inputs_run_per_device_without_gathering():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    result = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], capture_output=True, text=True, timeout=600,
+                            cwd=__file__.rsplit("/", 1)[0], env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sharding ok" in result.stdout
