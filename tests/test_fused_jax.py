@@ -185,3 +185,55 @@ def test_batch_sharded_inputs_run_per_device_without_gathering():
                             cwd=__file__.rsplit("/", 1)[0], env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sharding ok" in result.stdout
+
+
+def test_flax_model_with_the_fused_loss_trains_under_jit():
+    """The README's Flax example: the model's joint method as ``joint_fn``, an optax step under jit."""
+    nn = pytest.importorskip("flax.linen")
+    optax = pytest.importorskip("optax")
+
+    class Transducer(nn.Module):
+        vocab: int = 8
+        hidden: int = 16
+
+        def setup(self):
+            self.encoder = nn.Dense(self.hidden)
+            self.predictor = nn.Embed(self.vocab, self.hidden)
+            self.joint_hidden = nn.Dense(self.hidden)
+            self.joint_out = nn.Dense(self.vocab)
+
+        def __call__(self, frames, labels):  # encoder and predictor outputs
+            bos = jnp.zeros_like(labels[:, :1])  # blank = 0 as BOS
+            return self.encoder(frames), self.predictor(jnp.concatenate([bos, labels], axis=1))
+
+        def joint(self, enc, pred):  # (b, t, H), (b, U+1, H) -> (b, t, U+1, V)
+            return self.joint_out(jnp.tanh(self.joint_hidden(enc)[:, :, None] + pred[:, None]))
+
+        def logits(self, frames, labels):  # the unfused path; also initialises every parameter
+            return self.joint(*self(frames, labels))
+
+    model = Transducer()
+    B, T, U = 4, 12, 3
+    frames = jax.random.normal(jax.random.key(0), (B, T, 5))
+    labels = jax.random.randint(jax.random.key(1), (B, U), 1, 8)
+    frame_lengths, label_lengths = jnp.full((B,), T), jnp.full((B,), U)
+    params = model.init(jax.random.key(2), frames, labels, method=Transducer.logits)
+    optimizer = optax.adam(3e-2)
+    opt_state = optimizer.init(params)
+
+    @jax.jit
+    def train_step(params, opt_state):
+        def loss_fn(params):
+            enc, pred = model.apply(params, frames, labels)
+            joint_fn = lambda p, e, d: model.apply(p, e, d, method=Transducer.joint)  # noqa: E731
+            return fused_rnnt_loss(joint_fn, params, enc, pred, labels, frame_lengths, label_lengths, blank=0,
+                                   tile_bytes=B * 3 * (U + 1) * 8 * 4)  # four tiles of three frames
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    losses = []
+    for _ in range(30):
+        params, opt_state, loss = train_step(params, opt_state)
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
