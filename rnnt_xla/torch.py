@@ -338,7 +338,8 @@ def _loss_backward_vmap(info, in_dims: tuple, *args: object) -> tuple:
 class _LossForward(torch.autograd.Function):
     """:func:`loss_forward` with its autograd formula, for torch.func transforms: the autograd.Function
     that ``register_autograd`` generates has no ``setup_context``, which torch.func requires (pytorch
-    issues 168393, 170834)."""
+    issues 168393, 170834). Also forward mode (``torch.func.jvp``, ``jacfwd``): the loss's tangent is the
+    gradient (for a unit incoming gradient) dotted with the logits' tangent."""
 
     generate_vmap_rule = True  # the operators' own vmap rules
 
@@ -346,12 +347,26 @@ class _LossForward(torch.autograd.Function):
     def forward(*args):
         return loss_forward(*args)
 
-    setup_context = staticmethod(_setup_context)
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0], *output)
+
     backward = staticmethod(_backward)
+
+    @staticmethod
+    def jvp(ctx, logits_tangent: Tensor | None, *unused):
+        logits, loss, *saved = ctx.saved_tensors
+        if logits_tangent is None:
+            return (None,) * 9
+        ones = torch.ones_like(loss)
+        grads = _call(loss_backward, _LossBackward, ones, logits, *saved, *ctx.options)
+        products = grads.to(loss.dtype) * logits_tangent.to(loss.dtype)
+        return (products.reshape(loss.shape[0], -1).sum(1),) + (None,) * 8
 
 
 class _LossBackward(torch.autograd.Function):
-    """:func:`loss_backward` for torch.func transforms; its own derivative raises (see above)."""
+    """:func:`loss_backward` for torch.func transforms; its own derivatives raise (see above)."""
 
     generate_vmap_rule = True
 
@@ -364,6 +379,7 @@ class _LossBackward(torch.autograd.Function):
         pass
 
     backward = staticmethod(_no_second_derivative)
+    jvp = staticmethod(_no_second_derivative)
 
 
 def _call(op, function: type[torch.autograd.Function], *args: object):
@@ -411,8 +427,8 @@ def rnnt_loss(
     Raises:
         TypeError, ValueError: on any invalid argument, naming it, before any computation.
     """
-    _check(logits, targets, logit_lengths, target_lengths, blank, clamp, reduction, fused_log_softmax,
-           fastemit_lambda)
+    _check(logits, targets, logit_lengths, target_lengths, blank, _while_tracing(clamp), reduction,
+           fused_log_softmax, _while_tracing(fastemit_lambda))
     if logits.device.type not in ("cpu", "cuda"):  # _check has put every input on the same device
         raise ValueError(f"logits must be on the CPU or a CUDA device, got device {logits.device}")
     # contiguous() here, in the graph, rather than in the operators: the one copy of non-contiguous logits is
@@ -420,6 +436,14 @@ def rnnt_loss(
     outputs = _call(loss_forward, _LossForward, logits.contiguous(), targets, logit_lengths, target_lengths,
                     int(blank), float(clamp), reduction, bool(fused_log_softmax), float(fastemit_lambda), 1)
     return outputs[0] if reduction == "none" else outputs[0].reshape(())
+
+
+def _while_tracing(option: object) -> object:
+    """A float option as the trace-time checks see it. ``torch.compile(dynamic=True)`` traces Python floats
+    as symbolic values, which the NaN and range checks cannot branch on without a graph break; while
+    compiling, those two checks are left to the operators, which run them on the actual values (the same
+    errors, raised when the compiled code runs)."""
+    return 0.0 if isinstance(option, float) and torch.compiler.is_compiling() else option
 
 
 def _scripted_loss(logits: Tensor, targets: Tensor, logit_lengths: Tensor, target_lengths: Tensor, blank: int,
