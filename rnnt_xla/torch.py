@@ -28,6 +28,8 @@ two passes, and none is allocated when no gradient is requested. CUDA tensors go
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -57,6 +59,13 @@ def _check(logits: Tensor, targets: Tensor, logit_lengths: Tensor, target_length
     """The shape, dtype, device and option checks (``validation.check_arguments``), metadata only."""
     specs = [_spec(n, t) for n, t in zip(("logits", "targets", "logit_lengths", "target_lengths"),
                                          (logits, targets, logit_lengths, target_lengths))]
+    if torch.jit.is_tracing():
+        # jit.trace records sizes as tensors and warns that branching on them is baked into the trace; these
+        # checks are meant to be (the operator checks the traced graph's actual inputs again).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return check_arguments(*specs, blank=blank, clamp=clamp, reduction=reduction,
+                                   fused_log_softmax=fused_log_softmax, fastemit_lambda=fastemit_lambda)
     return check_arguments(*specs, blank=blank, clamp=clamp, reduction=reduction,
                            fused_log_softmax=fused_log_softmax, fastemit_lambda=fastemit_lambda)
 
@@ -427,6 +436,9 @@ def rnnt_loss(
     Raises:
         TypeError, ValueError: on any invalid argument, naming it, before any computation.
     """
+    if torch.jit.is_scripting():  # TorchScript compiles only this branch: the operator runs all the checks
+        return _scripted_loss(logits, targets, logit_lengths, target_lengths, blank, clamp, reduction,
+                              fused_log_softmax, fastemit_lambda)
     _check(logits, targets, logit_lengths, target_lengths, blank, _while_tracing(clamp), reduction,
            fused_log_softmax, _while_tracing(fastemit_lambda))
     if logits.device.type not in ("cpu", "cuda"):  # _check has put every input on the same device
@@ -470,9 +482,8 @@ class RNNTLoss(torch.nn.Module):
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, logit_lengths: torch.Tensor,
                 target_lengths: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
-            return _scripted_loss(logits, targets, logit_lengths, target_lengths, int(self.blank),
-                                  float(self.clamp), self.reduction, bool(self.fused_log_softmax),
-                                  float(self.fastemit_lambda))
+            return rnnt_loss(logits, targets, logit_lengths, target_lengths, int(self.blank), float(self.clamp),
+                             self.reduction, bool(self.fused_log_softmax), float(self.fastemit_lambda))
         return rnnt_loss(logits, targets, logit_lengths, target_lengths, blank=self.blank, clamp=self.clamp,
                          reduction=self.reduction, fused_log_softmax=self.fused_log_softmax,
                          fastemit_lambda=self.fastemit_lambda)
@@ -497,8 +508,8 @@ class RNNTLossNumba(torch.nn.Module):
     def forward(self, acts: torch.Tensor, labels: torch.Tensor, act_lens: torch.Tensor,
                 label_lens: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
-            loss = _scripted_loss(acts, labels, act_lens, label_lens, int(self.blank), float(self.clamp),
-                                  self.reduction, True, float(self.fastemit_lambda))
+            loss = rnnt_loss(acts, labels, act_lens, label_lens, int(self.blank), float(self.clamp),
+                             self.reduction, True, float(self.fastemit_lambda))
         else:
             loss = rnnt_loss(acts, labels, act_lens, label_lens, blank=self.blank, clamp=self.clamp,
                              reduction=self.reduction, fused_log_softmax=True,
