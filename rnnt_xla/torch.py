@@ -81,6 +81,9 @@ def _loss_shape(batch: int, groups: int, reduction: str) -> tuple[int]:
     return (batch,) if reduction == "none" else (groups,)
 
 
+_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """dtype of the costs and of the ``log_norm`` residual (``cpu.compute_dtype``)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -95,9 +98,10 @@ def _index_dtype(device: torch.device, *indices: Tensor) -> torch.dtype:
 
 
 def _residual_shapes(logits: Tensor) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """``(shape, dtype)`` of each residual for ``logits`` (``cpu.residual_shapes``, as torch dtypes)."""
     B, T, U1, _ = logits.shape
-    return [(shape, _compute_dtype(logits.dtype) if i == 0 else torch.float64)
-            for i, (shape, _) in enumerate(cpu.residual_shapes(B, T, U1, np.float32))]
+    like = np.float64 if logits.dtype == torch.float64 else np.float32  # 16-bit logits compute in float32
+    return [(shape, _TORCH_DTYPES[dtype]) for shape, dtype in cpu.residual_shapes(B, T, U1, like)]
 
 
 def _logits_for_kernels(tensor: torch.Tensor) -> np.ndarray:
@@ -156,8 +160,8 @@ def loss_forward(logits: Tensor, targets: Tensor, logit_lengths: Tensor, target_
     logits_np = _logits_for_kernels(logits.contiguous())
     # Zeroed (calloc: no extra pass over the memory): the kernels leave the padding cells unwritten, and
     # an operator's outputs must be deterministic (compiled graphs and opcheck compare them).
-    residuals = cpu.Residuals(*(np.zeros(s, getattr(np, str(d).removeprefix("torch.")))
-                                for s, d in _residual_shapes(logits)))
+    B, T, U1, _ = logits_np.shape
+    residuals = cpu.Residuals(*(np.zeros(s, d) for s, d in cpu.residual_shapes(B, T, U1, logits_np.dtype)))
     costs = np.empty(shape.batch, dtype=cpu.compute_dtype(logits_np.dtype))
     cpu.forward(logits_np, *indices, shape.blank, fused_log_softmax, fastemit_lambda, costs, residuals)
     loss = np.empty(_loss_shape(shape.batch, groups, reduction), dtype=costs.dtype)
