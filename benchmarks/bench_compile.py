@@ -95,7 +95,8 @@ CHILD = textwrap.dedent('''
         criterion(torch.randn(1, 2, 2, V), torch.ones(1, 1, dtype=torch.long), torch.tensor([2]), torch.tensor([1]))
     if mode != "eager":
         step = torch.compile(step, fullgraph=mode == "fullgraph", dynamic=True if mode == "fullgraph" else None)
-    out = {}
+    import rnnt_xla
+    out = {"rnnt_xla": rnnt_xla.__file__}
     try:
         data = batch(T, U)
         start = time.perf_counter()
@@ -129,8 +130,9 @@ def run_mode(mode: str, shape: tuple[int, int, int, int], args: argparse.Namespa
     config = dict(mode=mode, shape=shape, features=FEATURES, hidden=HIDDEN, repeats=args.repeats,
                   eager_first=args.eager_first, shape_steps=SHAPE_STEPS)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(args.package), os.environ.get("PYTHONPATH", "")]))
+    # cwd: ``python -c`` puts the working directory first on sys.path, before PYTHONPATH.
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(config)], capture_output=True, text=True,
-                          env=env, timeout=args.timeout)
+                          env=env, cwd=args.package, timeout=args.timeout)
     if proc.returncode != 0 or not proc.stdout.strip():
         return dict(error=f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1][:300] if proc.stderr else ''}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

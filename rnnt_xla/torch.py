@@ -304,7 +304,7 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
 
 def _backward(ctx, grad_loss: Tensor, *unused: Tensor) -> tuple:
     logits, *saved = ctx.saved_tensors
-    grads = _call(loss_backward, _LossBackward, grad_loss, logits, *saved, *ctx.options)
+    grads = _call_backward(grad_loss, logits, *saved, *ctx.options)
     return (grads,) + (None,) * 9
 
 
@@ -351,8 +351,8 @@ def _loss_backward_vmap(info, in_dims: tuple, *args: object) -> tuple:
 class _LossForward(torch.autograd.Function):
     """:func:`loss_forward` with its autograd formula, for torch.func transforms: the autograd.Function
     that ``register_autograd`` generates has no ``setup_context``, which torch.func requires (pytorch
-    issues 168393, 170834). Also forward mode (``torch.func.jvp``, ``jacfwd``): the loss's tangent is the
-    gradient (for a unit incoming gradient) dotted with the logits' tangent."""
+    issues 168393, 170834). This one while ``torch.compile`` traces a torch.func transform (Dynamo does not
+    take custom ``jvp`` methods), :class:`_LossForwardJvp` otherwise."""
 
     generate_vmap_rule = True  # the operators' own vmap rules
 
@@ -360,20 +360,25 @@ class _LossForward(torch.autograd.Function):
     def forward(*args):
         return loss_forward(*args)
 
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
+class _LossForwardJvp(_LossForward):
+    """:class:`_LossForward` with forward mode (``torch.func.jvp``, ``jacfwd``): the loss's tangent is the
+    gradient for a unit incoming gradient dotted with the logits' tangent."""
+
     @staticmethod
     def setup_context(ctx, inputs, output):
         _setup_context(ctx, inputs, output)
         ctx.save_for_forward(inputs[0], *output)
-
-    backward = staticmethod(_backward)
 
     @staticmethod
     def jvp(ctx, logits_tangent: Tensor | None, *unused):
         logits, loss, *saved = ctx.saved_tensors
         if logits_tangent is None:
             return (None,) * 9
-        ones = torch.ones_like(loss)
-        grads = _call(loss_backward, _LossBackward, ones, logits, *saved, *ctx.options)
+        grads = _call_backward(torch.ones_like(loss), logits, *saved, *ctx.options)
         products = grads.to(loss.dtype) * logits_tangent.to(loss.dtype)
         return (products.reshape(loss.shape[0], -1).sum(1),) + (None,) * 8
 
@@ -395,11 +400,20 @@ class _LossBackward(torch.autograd.Function):
     jvp = staticmethod(_no_second_derivative)
 
 
-def _call(op, function: type[torch.autograd.Function], *args: object):
-    """``op(*args)``, or through ``function`` while a torch.func transform (grad, vjp, vmap, ...) runs."""
-    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
-        return function.apply(*args)
-    return op(*args)
+def _call_forward(*args: object) -> tuple[Tensor, ...]:
+    """:func:`loss_forward` with autograd: the operator, or an autograd.Function with ``setup_context``
+    while a torch.func transform runs (with forward mode unless torch.compile traces it)."""
+    if torch._C._are_functorch_transforms_active():
+        return (_LossForward if torch.compiler.is_compiling() else _LossForwardJvp).apply(*args)
+    return loss_forward(*args)
+
+
+def _call_backward(*args: object) -> Tensor:
+    """:func:`loss_backward`, through :class:`_LossBackward` while a torch.func transform runs eagerly (so
+    that its second derivatives raise rnnt_xla's error; torch.compile's tracing takes the operator)."""
+    if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
+        return _LossBackward.apply(*args)
+    return loss_backward(*args)
 
 
 # --- the public API ------------------------------------------------------------------------------------
@@ -449,8 +463,8 @@ def rnnt_loss(
         raise ValueError(f"logits must be on the CPU or a CUDA device, got device {logits.device}")
     # contiguous() here, in the graph, rather than in the operators: the one copy of non-contiguous logits is
     # then also the one kept for the backward pass.
-    outputs = _call(loss_forward, _LossForward, logits.contiguous(), targets, logit_lengths, target_lengths,
-                    int(blank), float(clamp), reduction, bool(fused_log_softmax), float(fastemit_lambda), 1)
+    outputs = _call_forward(logits.contiguous(), targets, logit_lengths, target_lengths, int(blank), float(clamp),
+                            reduction, bool(fused_log_softmax), float(fastemit_lambda), 1)
     return outputs[0] if reduction == "none" else outputs[0].reshape(())
 
 
