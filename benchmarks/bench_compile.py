@@ -134,13 +134,14 @@ def run_mode(mode: str, shape: tuple[int, int, int, int], args: argparse.Namespa
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(config)], capture_output=True, text=True,
                           env=env, cwd=args.package, timeout=args.timeout)
     if proc.returncode != 0 or not proc.stdout.strip():
-        return dict(error=f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1][:300] if proc.stderr else ''}")
+        last_line = proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else ""
+        return dict(error=f"exit {proc.returncode}: {last_line}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| shape B,T,U,V | mode | first call s | graphs | graph breaks | recompiles (10 shapes) | "
-             "step ms (median) | vs eager |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "step ms median (min) | vs eager |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         r = row["result"]
         if "error" in r and "median_s" not in r:
@@ -151,7 +152,7 @@ def table(rows: list[dict]) -> str:
         recompiles = "-" if row["mode"] == "eager" else r.get("recompiled_graphs")
         ratio = f"{row['ratio']:.2f}" if row.get("ratio") else ""
         lines.append(f"| {row['shape']} | {row['mode']} | {r['first_call_s']:.2f} | {graphs} | {breaks} | "
-                     f"{recompiles} | {r['median_s'] * 1e3:.2f} | {ratio} |")
+                     f"{recompiles} | {r['median_s'] * 1e3:.2f} ({r['min_s'] * 1e3:.2f}) | {ratio} |")
     return "\n".join(lines)
 
 
