@@ -17,7 +17,10 @@ the lengths and labels), so a compiled graph raises the same ``ValueError`` nami
 code; :func:`rnnt_loss` also runs the shape/dtype/option checks in Python first, where ``torch.compile``
 and ``torch.export`` trace them (they only read metadata). ``groups`` splits the batch into equal groups
 reduced separately; ``torch.vmap`` uses it to fold the vmapped axis into the batch, so the kernels run once
-over the whole folded batch (as in the JAX adapter). The public functions pass ``groups=1``.
+over the whole folded batch (as in the JAX adapter). The public functions pass ``groups=1``. Autograd is
+registered on the operators (``register_autograd``; the backward operator's own derivative raises a clear
+error); while a torch.func transform runs, the same formulas go through ``autograd.Function`` subclasses
+instead, because torch.func does not take the ones ``register_autograd`` generates.
 
 The operators hand the tensors' memory to the Numba kernels as numpy views (no copy for C-contiguous CPU
 tensors) and reduce with the shared ``rnnt_xla.reductions``; no ``B*T*(U+1)*V`` buffer lives between the

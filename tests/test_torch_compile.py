@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,6 +79,14 @@ print(json.dumps(dict(first=first, losses=losses, recompiles=counters["stats"]["
                       graph_breaks=sum(counters["graph_break"].values()),
                       bitwise=[torch.equal(a, b) for a, b in zip(eager, compiled)])))
 '''
+
+
+def test_the_readme_shows_this_example():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    if "## torch.compile and export" not in readme:
+        pytest.skip("the README has no 'torch.compile and export' section yet")
+    block = readme.split("## torch.compile and export", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    assert block.strip() == README_EXAMPLE.strip()
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +176,18 @@ def test_a_compiled_graph_raises_the_same_errors_naming_the_argument():
             step(*args)
     with pytest.raises(Exception, match="logits must have 4 dimensions"):  # at trace time
         step(logits[0], targets, logit_lengths, target_lengths, 0.5)
+
+
+def test_index_buffers_refilled_between_compiled_forward_and_backward_change_nothing():
+    """The private index copies are operator outputs, so the compiled backward reads them, not the inputs."""
+    logits, targets, logit_lengths, target_lengths = problem(7, index_dtype=np.int64)
+    logits.requires_grad_()
+    expected = torch.autograd.grad(rnnt_loss(logits, targets, logit_lengths, target_lengths, blank=0), logits)[0]
+    loss = torch.compile(lambda x, y, t, u: rnnt_loss(x, y, t, u, blank=0), fullgraph=True, backend="aot_eager")(
+        logits, targets, logit_lengths, target_lengths)
+    for buffer in (targets, logit_lengths, target_lengths):
+        buffer.fill_(10**12)
+    assert torch.equal(torch.autograd.grad(loss, logits)[0], expected)
 
 
 class LossModel(torch.nn.Module):
