@@ -54,8 +54,7 @@ def _shape(text: str) -> tuple[int, int, int, int, int]:
 def _torch_step(name: str, shape):
     import torch
 
-    from rnnt_xla.torch_fused import Joint, fused_rnnt_loss
-    from rnnt_xla.torch import rnnt_loss
+    from rnnt_xla.torch import Joint, fused_rnnt_loss, rnnt_loss
 
     B, T, U, D, V = shape
     torch.manual_seed(0)

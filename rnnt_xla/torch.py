@@ -42,7 +42,7 @@ from .kernels import cuda as cuda_kernels
 from .reductions import gradient_scale, reduce_costs
 from .validation import ArraySpec, LossShape, check_arguments, check_lengths_and_labels
 
-__all__ = ["rnnt_loss", "RNNTLoss", "RNNTLossNumba"]
+__all__ = ["rnnt_loss", "RNNTLoss", "RNNTLossNumba", "fused_rnnt_loss", "FusedRNNTLoss", "Joint"]
 
 _SECOND_ORDER_MESSAGE = (
     "rnnt_xla: the RNNT loss has no second derivative. Its gradient was computed with create_graph=True "
@@ -536,3 +536,16 @@ class RNNTLossNumba(torch.nn.Module):
                              reduction=self.reduction, fused_log_softmax=True,
                              fastemit_lambda=self.fastemit_lambda)
         return loss if self.reduction == "none" else loss.reshape(1)
+
+
+_FUSED = ("fused_rnnt_loss", "FusedRNNTLoss", "Joint")
+
+
+def __getattr__(name: str):
+    """The fused joint + loss lives in ``rnnt_xla.torch_fused`` (it drives the kernels tile by tile and uses
+    this module's helpers); it is loaded on first use, so either module can be imported first."""
+    if name in _FUSED:
+        from . import torch_fused
+
+        return getattr(torch_fused, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .torch import _as_index_array, _logits_for_kernels, _tensor_from_kernel_array
 from .kernels import cpu
 from .reductions import gradient_scale, reduce_costs
 from .tiling import DEFAULT_TILE_BYTES, Tile, plan_tiles
@@ -33,25 +34,6 @@ JointFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def _spec(name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> ArraySpec:
     return ArraySpec(name, tuple(shape), str(dtype).removeprefix("torch."), str(device))
-
-
-def _index_copy(tensor: torch.Tensor) -> np.ndarray:
-    """Private int64 copy of lengths or labels (see ``rnnt_xla.torch._as_index_array``)."""
-    return np.array(tensor.detach().numpy(), dtype=np.int64, order="C", copy=True)
-
-
-def _kernel_view(tensor: torch.Tensor) -> np.ndarray:
-    """The kernels' numpy view of contiguous CPU logits (16-bit as bits, see ``cpu.as_kernel_array``)."""
-    tensor = tensor.detach()
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy()
-    return cpu.as_kernel_array(tensor.numpy())
-
-
-def _tensor_from_kernel_array(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    if dtype in (torch.float16, torch.bfloat16):
-        return torch.from_numpy(array.view(np.int16)).view(dtype)
-    return torch.from_numpy(array)
 
 
 def _tile_inputs(tile: Tile, encoder_out: torch.Tensor, predictor_out: torch.Tensor):
@@ -121,7 +103,7 @@ class _FusedRNNTLossFunction(torch.autograd.Function):
         options: _Options
         shape = options.shape
         B, T, U1 = shape.batch, shape.max_frames, shape.max_labels + 1
-        targets_np, frames, labels = (_index_copy(t) for t in (targets, logit_lengths, target_lengths))
+        targets_np, frames, labels = (_as_index_array(t) for t in (targets, logit_lengths, target_lengths))
         residuals = _Residuals(B, T, U1, _kernel_dtype(options.dtype))
         # The joint's random stream as the forward pass found it: backward replays it tile by tile.
         rng_state = torch.get_rng_state()
@@ -130,7 +112,7 @@ class _FusedRNNTLossFunction(torch.autograd.Function):
             logits = _call_joint(joint, tile, enc, pred, options.vocab, options.dtype)
             part = residuals.tile_buffers(tile)
             rows = tile.utterances
-            cpu.log_normalizers(_kernel_view(logits.contiguous()), targets_np[rows], frames[rows] - tile.t0,
+            cpu.log_normalizers(_logits_for_kernels(logits.contiguous()), targets_np[rows], frames[rows] - tile.t0,
                                 labels[rows], shape.blank, True, part.log_norm, part.log_blank, part.log_emit)
             residuals.scatter_pass1(tile, part)
             del logits
@@ -170,7 +152,7 @@ class _FusedRNNTLossFunction(torch.autograd.Function):
                 inputs = [x for x, wanted in ((enc, wants_enc), (pred, wants_pred)) if wanted] + trained
                 if not inputs or not logits.requires_grad:
                     continue
-                logits_np = _kernel_view(logits.contiguous())
+                logits_np = _logits_for_kernels(logits.contiguous())
                 part, tile_betas = residuals.gather(tile, betas)
                 grads = np.empty_like(logits_np)
                 rows = tile.utterances
@@ -274,7 +256,8 @@ def fused_rnnt_loss(
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if encoder_out.dim() != 3:
-        raise ValueError(f"encoder_out must have 3 dimensions (batch, frames T, E), got shape {tuple(encoder_out.shape)}")
+        raise ValueError(f"encoder_out must have 3 dimensions (batch, frames T, E), got shape "
+                         f"{tuple(encoder_out.shape)}")
     if predictor_out.dim() != 3:
         raise ValueError(f"predictor_out must have 3 dimensions (batch, U + 1, P), got shape "
                          f"{tuple(predictor_out.shape)}")
@@ -305,8 +288,8 @@ def fused_rnnt_loss(
             _spec(n, t.shape, t.dtype, t.device) for n, t in
             (("targets", targets), ("logit_lengths", logit_lengths), ("target_lengths", target_lengths))),
         blank=blank, clamp=clamp, reduction=reduction, fused_log_softmax=True, fastemit_lambda=fastemit_lambda)
-    frames, labels = _index_copy(logit_lengths), _index_copy(target_lengths)
-    check_lengths_and_labels(_index_copy(targets), frames, labels, shape)
+    frames, labels = _as_index_array(logit_lengths), _as_index_array(target_lengths)
+    check_lengths_and_labels(_as_index_array(targets), frames, labels, shape)
     tiles = plan_tiles(frames, labels, vocab, itemsize, tile_bytes)
     options = _Options(shape, reduction, float(fastemit_lambda), float(clamp), tiles, vocab, dtype)
     return _FusedRNNTLossFunction.apply(encoder_out, predictor_out, targets, logit_lengths, target_lengths, joint,

@@ -9,8 +9,7 @@ import torch
 
 from rnnt_xla.reference import rnnt_loss_reference
 from rnnt_xla.tiling import plan_tiles
-from rnnt_xla.torch import rnnt_loss
-from rnnt_xla.torch_fused import FusedRNNTLoss, Joint, fused_rnnt_loss
+from rnnt_xla.torch import FusedRNNTLoss, Joint, fused_rnnt_loss, rnnt_loss
 
 E, P, H = 6, 5, 8
 
