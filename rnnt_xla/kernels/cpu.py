@@ -27,10 +27,12 @@ import ctypes
 import math
 import sys
 import threading
+import types
 from typing import NamedTuple
 
 import numpy as np
 
+from . import threads
 from .numba_startup import import_arraymath_without_scipy, paused_garbage_collector
 
 with paused_garbage_collector():  # Numba's import is part of its start-up (see numba_startup)
@@ -68,7 +70,7 @@ _JIT = dict(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
 _WORKQUEUE_LOCK = threading.Lock()
 
 
-# Entry points (forward, backward) whose kernels this process has already loaded or compiled.
+# Entry points and kernel variants ("forward/serial", ...) whose kernels this process has loaded or compiled.
 _STARTED: set[str] = set()
 
 
@@ -80,12 +82,22 @@ def _start_up_section(entry: str):
     return paused_garbage_collector()
 
 
-def _parallel_section():
+def _parallel_section(parallel: bool = True):
+    """Around a call that may launch parallel kernels: serialised under Numba's workqueue layer (see
+    ``_WORKQUEUE_LOCK``), and Numba's thread pool started the way ``threads.starting_pool`` describes."""
+    if not parallel:
+        return contextlib.nullcontext()
     try:
         layer = numba.threading_layer()
     except ValueError:  # no parallel kernel has run yet in this process
         layer = None
-    return contextlib.nullcontext() if layer in ("omp", "tbb") else _WORKQUEUE_LOCK
+    if layer in ("omp", "tbb"):
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(_WORKQUEUE_LOCK)
+    if layer is None:
+        stack.enter_context(threads.starting_pool())
+    return stack
 
 
 class Residuals(NamedTuple):
@@ -366,15 +378,54 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, fused_log_s
                 store(g, label, min(max(g_label, -limit), limit) * scale)
 
 
+def _serial_variant(kernel):
+    """``kernel`` compiled without ``parallel=True`` (its ``prange`` runs as ``range``): the same rows, each
+    computed in the same order, hence the same bits. Its own name keeps Numba's on-disk cache entries of the
+    two variants apart (Numba's cache index does not tell compile options apart)."""
+    func = kernel.py_func
+    serial = types.FunctionType(func.__code__, func.__globals__, f"{func.__name__}_serial", func.__defaults__,
+                                func.__closure__)
+    serial.__qualname__ = serial.__name__
+    serial.__module__ = func.__module__
+    serial.__doc__ = f"Serial variant of :func:`{func.__name__}` (same arguments, same results)."
+    return njit(**_JIT)(serial)
+
+
+log_normalizers_serial = _serial_variant(log_normalizers)
+alphas_and_costs_serial = _serial_variant(alphas_and_costs)
+betas_serial = _serial_variant(betas)
+gradients_serial = _serial_variant(gradients)
+
+
+def _choose(logits: np.ndarray, lattice: np.ndarray) -> tuple[bool, bool]:
+    """Whether the logits passes and the lattice passes run in parallel (see ``threads``).
+
+    ``logits: (B, T, U1, V)``; ``lattice: (B, T, U1)``, one of the residuals."""
+    rows = threads.use_parallel(logits.size, threads.PARALLEL_MIN_ELEMENTS)
+    cells = threads.use_parallel(lattice.size, threads.PARALLEL_MIN_CELLS, batch=lattice.shape[0])
+    return rows, cells
+
+
+def _section(entry: str, rows: bool, cells: bool) -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    stack.enter_context(_parallel_section(rows or cells))
+    stack.enter_context(_start_up_section(f"{entry}/{'parallel' if rows else 'serial'}/"
+                                          f"{'parallel' if cells else 'serial'}"))
+    return stack
+
+
 def forward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray, target_lengths: np.ndarray,
             blank: int, fused_log_softmax: bool, fastemit_lambda: float,
             costs: np.ndarray, residuals: Residuals) -> None:
     """Costs ``(B,)`` into ``costs`` and the forward residuals into ``residuals`` (caller-allocated)."""
-    with _parallel_section(), _start_up_section("forward"):
-        log_normalizers(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax,
-                        residuals.log_norm, residuals.log_blank, residuals.log_emit)
-        alphas_and_costs(residuals.log_blank, residuals.log_emit, logit_lengths, target_lengths,
-                         fastemit_lambda, residuals.alphas, residuals.log_likelihood, costs)
+    rows, cells = _choose(logits, residuals.alphas)
+    with _section("forward", rows, cells):
+        (log_normalizers if rows else log_normalizers_serial)(
+            logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax,
+            residuals.log_norm, residuals.log_blank, residuals.log_emit)
+        (alphas_and_costs if cells else alphas_and_costs_serial)(
+            residuals.log_blank, residuals.log_emit, logit_lengths, target_lengths,
+            fastemit_lambda, residuals.alphas, residuals.log_likelihood, costs)
 
 
 def backward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray, target_lengths: np.ndarray,
@@ -383,8 +434,11 @@ def backward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray,
     """Gradient w.r.t. ``logits`` into ``grads`` (same shape and dtype), each utterance's gradient clamped
     and then multiplied by ``grad_scale: (B,) float64``. Allocates only the ``(B, T, U1)`` betas."""
     beta = np.empty_like(residuals.alphas)
-    with _parallel_section(), _start_up_section("backward"):
-        betas(residuals.log_blank, residuals.log_emit, logit_lengths, target_lengths, beta)
-        gradients(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, fastemit_lambda,
-                  clamp, grad_scale, residuals.log_norm, residuals.log_blank, residuals.log_emit,
-                  residuals.alphas, beta, residuals.log_likelihood, grads)
+    rows, cells = _choose(logits, residuals.alphas)
+    with _section("backward", rows, cells):
+        (betas if cells else betas_serial)(
+            residuals.log_blank, residuals.log_emit, logit_lengths, target_lengths, beta)
+        (gradients if rows else gradients_serial)(
+            logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, fastemit_lambda,
+            clamp, grad_scale, residuals.log_norm, residuals.log_blank, residuals.log_emit,
+            residuals.alphas, beta, residuals.log_likelihood, grads)
