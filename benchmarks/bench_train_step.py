@@ -59,8 +59,8 @@ from bench_cpu import CpuByOthers, _loadavg, environment, wait_until_quiet  # no
 # name: (B, T, U, V, hidden); "small" is the shape of `python -m rnnt_xla demo`'s batches.
 SIZES = {
     "small": (64, 50, 8, 11, 64),
-    "medium": (16, 100, 20, 128, 128),
-    "large": (8, 150, 40, 512, 128),
+    "medium": (16, 60, 15, 128, 64),
+    "large": (8, 100, 30, 512, 128),
 }
 FEATURES = 32
 CONDITIONS = ["quiet/torch1", "quiet/torch2", "busy/torch1", "busy/torch2", "quiet/jax", "busy/jax"]
@@ -287,7 +287,7 @@ def jax_steps(shape: tuple[int, ...], names: list[str]) -> dict[str, Callable[[]
 # --- a worker: one condition, every size and implementation --------------------------------------------
 
 
-def run_worker(condition: str, sizes: list[str], repeats: int, out: Path) -> None:
+def run_worker(condition: str, sizes: list[str], repeats: int, peer_repeats: int, out: Path) -> None:
     framework = "jax" if condition.endswith("jax") else "torch"
     notes: list[str] = []
     if framework == "torch":
@@ -321,13 +321,15 @@ def run_worker(condition: str, sizes: list[str], repeats: int, out: Path) -> Non
         # to numba.set_num_threads would otherwise start it).
         for name in names:
             spent, n = 0.0, 0
-            while n < 2 or spent < WARMUP_S:
+            while n < 1 or (n < 10 and spent < WARMUP_S):
                 elapsed = call(name)
                 if elapsed is None:
                     break
                 spent, n = spent + elapsed, n + 1
-        for _ in range(repeats):
+        for i in range(repeats):
             for name in names:
+                if name not in RNNT_XLA and i >= peer_repeats:
+                    continue
                 elapsed = call(name)
                 if elapsed is not None:
                     timings[name].times_s.append(elapsed)
@@ -382,11 +384,12 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_condition(condition: str, sizes: list[str], repeats: int, busy_limit: float, timeout: float) -> dict:
+def run_condition(condition: str, sizes: list[str], repeats: int, peer_repeats: int, busy_limit: float,
+                  timeout: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         command = [sys.executable, __file__, "--worker", condition, "--worker-out", str(out),
-                   "--sizes", *sizes, "--repeats", str(repeats)]
+                   "--sizes", *sizes, "--repeats", str(repeats), "--peer-repeats", str(peer_repeats)]
         busy = BusyCore(busy_limit) if condition.startswith("busy") else _nothing()
         with busy:
             proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
@@ -550,7 +553,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=CONDITIONS)
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
-    parser.add_argument("--repeats", type=int, default=7, help="timed steps per implementation (default: 7)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed steps per rnnt_xla setting (default: 7)")
+    parser.add_argument("--peer-repeats", type=int, default=3,
+                        help="timed steps of plain_torch, plain_jax and torchaudio (default: 3)")
     parser.add_argument("--demo", action="store_true",
                         help="also time `python -m rnnt_xla demo --steps 100 --framework torch` and the full demo, "
                              "quiet and busy")
@@ -566,7 +571,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        run_worker(args.worker, args.sizes, args.repeats, args.worker_out)
+        run_worker(args.worker, args.sizes, args.repeats, args.peer_repeats, args.worker_out)
         return
 
     import socket
@@ -584,7 +589,7 @@ def main(argv: list[str] | None = None) -> None:
     conditions = [] if args.demo_only else args.conditions
     for condition in conditions:
         with console.status(f"{condition}: {', '.join(args.sizes)}"):
-            data = run_condition(condition, args.sizes, args.repeats, args.busy_limit, args.timeout)
+            data = run_condition(condition, args.sizes, args.repeats, args.peer_repeats, args.busy_limit, args.timeout)
         if "error" in data:
             console.print(f"[red]{condition}: {data['error']}")
             notes.append(f"{condition}: {data['error'][:300]}")
@@ -600,7 +605,7 @@ def main(argv: list[str] | None = None) -> None:
     summarise(results)
     report = {
         "environment": environment(len(os.sched_getaffinity(0))),
-        "settings": {"conditions": conditions, "sizes": args.sizes, "shapes": SIZES, "repeats": args.repeats,
+        "settings": {"conditions": conditions, "sizes": args.sizes, "shapes": SIZES, "repeats": args.repeats, "peer_repeats": args.peer_repeats,
                      "features": FEATURES, "order": "round-robin per step after each implementation's warm-up"},
         "noise": {"loadavg_before": load_before, "loadavg_after": _loadavg(),
                   "cpu_used_by_other_processes_cores": others.cores()},

@@ -162,7 +162,7 @@ def test_serial_and_parallel_kernels_give_identical_bits(monkeypatch, dtype, fus
     for name, minimum in (("serial", 10**15), ("parallel", 0)):
         monkeypatch.setattr(threads, "PARALLEL_MIN_ELEMENTS", minimum)
         monkeypatch.setattr(threads, "PARALLEL_MIN_CELLS", minimum)
-        assert cpu._choose(logits, np.empty((B, T, U1))) == ((name == "parallel"),) * 2
+        assert (cpu._choose(logits, np.empty((B, T, U1))) == (1, 1)) == (name == "serial")
         costs = np.empty(B, cpu.compute_dtype(dtype))
         # zeros, not np.empty: entries the kernels never write (padding) then agree too
         residuals = cpu.Residuals(*(np.zeros(shape, dt) for shape, dt in cpu.residual_shapes(B, T, U1, dtype)))
@@ -180,24 +180,77 @@ def test_serial_and_parallel_kernels_give_identical_bits(monkeypatch, dtype, fus
 
 def test_small_problems_stay_serial_and_large_ones_go_parallel():
     small = np.empty((2, 10, 3, 8), np.float32)
-    assert cpu._choose(small, np.empty((2, 10, 3))) == (False, False)
+    assert cpu._choose(small, np.empty((2, 10, 3))) == (1, 1)
     B, U1 = 8, 50
     T = threads.PARALLEL_MIN_CELLS // (B * U1) + 1
     V = threads.PARALLEL_MIN_ELEMENTS // (B * T * U1) + 2
     large_logits = np.lib.stride_tricks.as_strided(np.empty(1, np.float32), (B, T, U1, V), (0, 0, 0, 0))
-    expected = not threads.in_forked_child() and threads._usable_threads() > 1
+    expected = threads._allowed_threads()
     assert cpu._choose(large_logits, np.empty((B, T, U1))) == (expected, expected)
-    one_utterance = np.empty((1, T, U1))  # the lattice passes split the batch: nothing to split
-    assert cpu._choose(large_logits[:1], one_utterance)[1] is False
+    one_utterance = np.empty((1, T * B, U1))  # the lattice passes split the batch: nothing to split
+    assert cpu._choose(large_logits, one_utterance)[1] == 1
 
 
 def test_the_pool_environment_is_set_only_while_the_pool_starts(monkeypatch):
+    import os
+
+    monkeypatch.setattr(threads, "POOL_ENVIRONMENT", {"OMP_WAIT_POLICY": "PASSIVE"})
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.setattr(threads, "pool_started", lambda: False)
     with threads.starting_pool():
-        assert __import__("os").environ["OMP_WAIT_POLICY"] == threads.POOL_ENVIRONMENT["OMP_WAIT_POLICY"]
-    assert "OMP_WAIT_POLICY" not in __import__("os").environ
+        assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "OMP_WAIT_POLICY" not in os.environ
     monkeypatch.setenv("OMP_WAIT_POLICY", "active")  # the user's choice wins
     with threads.starting_pool():
-        assert __import__("os").environ["OMP_WAIT_POLICY"] == "active"
-    assert __import__("os").environ["OMP_WAIT_POLICY"] == "active"
+        assert os.environ["OMP_WAIT_POLICY"] == "active"
+    assert os.environ["OMP_WAIT_POLICY"] == "active"
+
+
+TORCH_THREADS = textwrap.dedent("""
+    import numpy as np
+    import torch
+    torch.set_num_threads(1)
+    torch.ones(64, 64) @ torch.ones(64, 64)  # torch's own start-up (lazy) is done, as in a training step
+    assert torch.get_num_threads() == 1
+    from rnnt_xla.torch import rnnt_loss
+    try:  # (this loss now runs serially with torch on one thread: start the pool as its first parallel pass does)
+        from rnnt_xla.kernels import threads
+        threads.start_pool()
+    except ImportError:  # kernels without rnnt_xla.kernels.threads: the first call starts it
+        pass
+    x = torch.randn(4, 20, 6, 16, requires_grad=True)
+    rnnt_loss(x, torch.randint(1, 16, (4, 5), dtype=torch.int32), torch.full((4,), 20),
+              torch.full((4,), 5), blank=0).backward()
+    import numba
+    from numba.np.ufunc import parallel
+    assert parallel._is_initialized
+    print("torch threads", torch.get_num_threads())
+""")
+
+
+def test_starting_numba_pool_keeps_torch_thread_count():
+    """Numba's omp layer binds to torch's libgomp and its start used to reset torch.set_num_threads(1)
+    to the number of cores (torch's own ops then competed for every core)."""
+    pytest.importorskip("torch")
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 Numba threads")
+    result = subprocess.run([sys.executable, "-c", TORCH_THREADS], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torch threads 1" in result.stdout
+
+
+def test_thread_count_follows_torch_and_affinity(monkeypatch):
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert threads.thread_count(10**12, 0) == 1  # the process runs torch on one thread: so does the loss
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0})
+    assert threads.thread_count(10**12, 0) == 1
+    monkeypatch.undo()
+    monkeypatch.setattr(threads, "_forked_child", True)
+    assert threads.thread_count(10**12, 0) == 1

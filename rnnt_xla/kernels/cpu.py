@@ -66,7 +66,7 @@ _JIT = dict(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
 
 # Numba's "workqueue" threading layer (the fallback when neither OpenMP nor TBB is available) aborts the
 # process when two threads launch parallel kernels at once; serialise the passes unless a thread-safe
-# layer is active. The layer is only known after the first launch, so that one is serialised too.
+# layer is active.
 _WORKQUEUE_LOCK = threading.Lock()
 
 
@@ -83,21 +83,13 @@ def _start_up_section(entry: str):
 
 
 def _parallel_section(parallel: bool = True):
-    """Around a call that may launch parallel kernels: serialised under Numba's workqueue layer (see
-    ``_WORKQUEUE_LOCK``), and Numba's thread pool started the way ``threads.starting_pool`` describes."""
+    """Around a call that may launch parallel kernels: Numba's thread pool started first, the way
+    ``threads.starting_pool`` describes, and the call serialised under Numba's workqueue layer (see
+    ``_WORKQUEUE_LOCK``)."""
     if not parallel:
         return contextlib.nullcontext()
-    try:
-        layer = numba.threading_layer()
-    except ValueError:  # no parallel kernel has run yet in this process
-        layer = None
-    if layer in ("omp", "tbb"):
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(_WORKQUEUE_LOCK)
-    if layer is None:
-        stack.enter_context(threads.starting_pool())
-    return stack
+    threads.start_pool()
+    return contextlib.nullcontext() if numba.threading_layer() in ("omp", "tbb") else _WORKQUEUE_LOCK
 
 
 class Residuals(NamedTuple):
@@ -397,21 +389,35 @@ betas_serial = _serial_variant(betas)
 gradients_serial = _serial_variant(gradients)
 
 
-def _choose(logits: np.ndarray, lattice: np.ndarray) -> tuple[bool, bool]:
-    """Whether the logits passes and the lattice passes run in parallel (see ``threads``).
+def _choose(logits: np.ndarray, lattice: np.ndarray) -> tuple[int, int]:
+    """Threads for the logits passes and for the lattice passes (1: the serial kernel; see ``threads``).
 
     ``logits: (B, T, U1, V)``; ``lattice: (B, T, U1)``, one of the residuals."""
-    rows = threads.use_parallel(logits.size, threads.PARALLEL_MIN_ELEMENTS)
-    cells = threads.use_parallel(lattice.size, threads.PARALLEL_MIN_CELLS, batch=lattice.shape[0])
+    rows = threads.thread_count(logits.size, threads.PARALLEL_MIN_ELEMENTS)
+    cells = threads.thread_count(lattice.size, threads.PARALLEL_MIN_CELLS, batch=lattice.shape[0])
     return rows, cells
 
 
-def _section(entry: str, rows: bool, cells: bool) -> contextlib.ExitStack:
+def _section(entry: str, rows: int, cells: int) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
-    stack.enter_context(_parallel_section(rows or cells))
-    stack.enter_context(_start_up_section(f"{entry}/{'parallel' if rows else 'serial'}/"
-                                          f"{'parallel' if cells else 'serial'}"))
+    stack.enter_context(_parallel_section(max(rows, cells) > 1))
+    stack.enter_context(_start_up_section(f"{entry}/{min(rows, 2)}/{min(cells, 2)}"))  # variants loaded
     return stack
+
+
+def _launch(parallel_kernel, serial_kernel, count: int, *args) -> None:
+    """``serial_kernel(*args)`` for ``count == 1``, else ``parallel_kernel(*args)`` on ``count`` threads."""
+    if count == 1:
+        serial_kernel(*args)
+        return
+    before = numba.get_num_threads()  # per calling thread in Numba
+    if count != before:
+        numba.set_num_threads(count)
+    try:
+        parallel_kernel(*args)
+    finally:
+        if count != before:
+            numba.set_num_threads(before)
 
 
 def forward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray, target_lengths: np.ndarray,
@@ -420,12 +426,12 @@ def forward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray, 
     """Costs ``(B,)`` into ``costs`` and the forward residuals into ``residuals`` (caller-allocated)."""
     rows, cells = _choose(logits, residuals.alphas)
     with _section("forward", rows, cells):
-        (log_normalizers if rows else log_normalizers_serial)(
-            logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax,
-            residuals.log_norm, residuals.log_blank, residuals.log_emit)
-        (alphas_and_costs if cells else alphas_and_costs_serial)(
-            residuals.log_blank, residuals.log_emit, logit_lengths, target_lengths,
-            fastemit_lambda, residuals.alphas, residuals.log_likelihood, costs)
+        _launch(log_normalizers, log_normalizers_serial, rows,
+                logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax,
+                residuals.log_norm, residuals.log_blank, residuals.log_emit)
+        _launch(alphas_and_costs, alphas_and_costs_serial, cells,
+                residuals.log_blank, residuals.log_emit, logit_lengths, target_lengths,
+                fastemit_lambda, residuals.alphas, residuals.log_likelihood, costs)
 
 
 def backward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray, target_lengths: np.ndarray,
@@ -436,9 +442,9 @@ def backward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray,
     beta = np.empty_like(residuals.alphas)
     rows, cells = _choose(logits, residuals.alphas)
     with _section("backward", rows, cells):
-        (betas if cells else betas_serial)(
-            residuals.log_blank, residuals.log_emit, logit_lengths, target_lengths, beta)
-        (gradients if rows else gradients_serial)(
-            logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, fastemit_lambda,
-            clamp, grad_scale, residuals.log_norm, residuals.log_blank, residuals.log_emit,
-            residuals.alphas, beta, residuals.log_likelihood, grads)
+        _launch(betas, betas_serial, cells,
+                residuals.log_blank, residuals.log_emit, logit_lengths, target_lengths, beta)
+        _launch(gradients, gradients_serial, rows,
+                logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, fastemit_lambda,
+                clamp, grad_scale, residuals.log_norm, residuals.log_blank, residuals.log_emit,
+                residuals.alphas, beta, residuals.log_likelihood, grads)

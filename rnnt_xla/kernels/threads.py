@@ -1,54 +1,62 @@
-"""When the CPU kernels run on Numba's thread pool, and how that pool is started (no framework imports).
+"""When the CPU kernels run on Numba's thread pool, on how many threads, and how that pool is started.
 
 Each pass of ``rnnt_xla.kernels.cpu`` exists twice, compiled from the same Python function: parallel
 (``prange`` over Numba's threads) and serial (``prange`` is ``range``). Every row of the results is computed
-by one thread in the same order either way, so both give identical bits; :func:`use_parallel` picks one per
-pass and call:
+by one thread in the same order either way, so both give identical bits; :func:`thread_count` picks the
+threads per pass and call (1: the serial variant):
 
-- **Small work runs serially.** A parallel region costs a wake-up of the pool's threads and a barrier at the
-  end; when another process (a data-loader worker, another job) or torch's own OpenMP pool holds a core, the
-  barrier waits until the OS schedules the descheduled thread again, milliseconds per region. Below
-  :data:`PARALLEL_MIN_ELEMENTS` logits (log-softmax and gradient passes) or :data:`PARALLEL_MIN_CELLS`
-  lattice cells (alphas and betas) that costs more than the threads gain, so those passes run serially
-  (``benchmarks/bench_train_step.py`` measured the thresholds).
+- **Small passes run serially.** A parallel region wakes the pool's threads and ends with a barrier; when
+  another process (a data-loader worker, another job) holds a core, the barrier waits until the OS
+  schedules the descheduled thread again, up to a time slice (milliseconds) per region. A pass below
+  :data:`PARALLEL_MIN_ELEMENTS` logits (log-softmax and gradient passes, ~0.5-1 ns per entry serially)
+  or :data:`PARALLEL_MIN_CELLS` lattice cells (alphas and betas, ~25 ns per cell, parallel over the batch)
+  takes a few milliseconds at most serially, and there the threads gain less than such a wait costs.
 - **A forked child runs serially.** After a process has started Numba's thread pool, a ``fork()``ed child
   has the pool's state but none of its threads: GNU OpenMP (Numba's ``omp`` layer) terminates such a child
   at its first parallel region ("fork() called from a process already using GNU OpenMP"), grandchildren
   wait forever. :func:`os.register_at_fork` marks such children, and every pass runs serially there
   (forked ``DataLoader`` workers and ``multiprocessing`` pools are the default on Linux).
-- **A process with one usable core** (``os.sched_getaffinity``, ``NUMBA_NUM_THREADS``,
-  ``numba.set_num_threads``) runs serially: a pool of one thread gains nothing.
+- **No more threads than the process may use**: Numba's count (``NUMBA_NUM_THREADS``,
+  ``numba.set_num_threads``), the cores in the process's current affinity mask, and, when torch is
+  imported, torch's intra-op count (``torch.get_num_threads()``; a process told to run torch on one thread
+  runs the loss on one thread too).
 
-:func:`starting_pool` wraps the first load of a parallel kernel, which is when Numba starts its thread pool
-(its threading layer): it gives that pool's OpenMP runtime a passive wait policy unless the user chose one.
-An OpenMP thread that finishes its share of a region normally spins for a while, waiting for the next one;
-with a core taken by another process that spinning thread takes the CPU from the threads that have work
-(the loss 8x slower with one of two cores busy). Numba's ``omp`` layer loads the system's ``libgomp``, which
-reads the variable once when it is loaded, and torch bundles its own ``libgomp`` (loaded at ``import
-torch``), so torch's pool keeps its own policy; the variable is removed again right after the load.
+Starting the pool (:func:`start_pool`, before the first parallel pass). When torch is imported first,
+Numba's ``omp`` layer binds to torch's ``libgomp`` (the OpenMP runtime already in the process's global
+symbol scope), so torch and the loss share one pool, and starting it sets that runtime's thread count
+and nesting for the calling thread: a ``torch.set_num_threads(1)`` made earlier was silently undone
+(torch's ops then ran on every core, which on a machine with a busy core made ``python -m rnnt_xla demo``
+8x slower). Both settings are put back right after the start. Without torch, the layer loads the
+system's ``libgomp``, which reads ``OMP_WAIT_POLICY`` once when it loads: :data:`POOL_ENVIRONMENT` gives it
+a passive policy (unless the user set one), so that threads that finished their share sleep instead of
+spinning ~3 ms per region on cores other processes need; the variable is removed again right after.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
 from collections.abc import Iterator
 
 __all__ = [
     "PARALLEL_MIN_ELEMENTS",
     "PARALLEL_MIN_CELLS",
-    "use_parallel",
+    "POOL_ENVIRONMENT",
+    "thread_count",
     "in_forked_child",
     "pool_started",
+    "start_pool",
     "starting_pool",
 ]
 
-# Parallel passes below these sizes lose to serial ones (see the module docstring). Elements: entries of the
-# logits a pass reads (B*T*(U+1)*V); cells: lattice cells (B*T*(U+1)), each an exp and a log1p.
-PARALLEL_MIN_ELEMENTS = 2_000_000
-PARALLEL_MIN_CELLS = 200_000
+# Passes below these sizes run serially (see the module docstring). Elements: entries of the logits a pass
+# reads (B*T*(U+1)*V); cells: lattice cells (B*T*(U+1)).
+PARALLEL_MIN_ELEMENTS = 4_000_000
+PARALLEL_MIN_CELLS = 100_000
 
-# OpenMP settings Numba's pool gets at its start unless the user set them (see starting_pool).
+# OpenMP settings for a runtime that Numba's pool loads itself, unless the user set them (starting_pool).
 POOL_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 _forked_child = False  # this process was forked after its parent (or an ancestor) started Numba's pool
@@ -75,37 +83,74 @@ def in_forked_child() -> bool:
     return _forked_child
 
 
-def _usable_threads() -> int:
-    """Threads a parallel pass would run on: Numba's current count once its pool runs, else the count it
-    will start with (``NUMBA_NUM_THREADS``, by default the cores in this process's affinity mask)."""
+def _allowed_threads() -> int:
+    """Numba's thread count (its current one once the pool runs, else the one it will start with), capped
+    by the cores this process may run on and by torch's intra-op thread count if torch is imported."""
     import numba
 
-    if pool_started():
-        return numba.get_num_threads()
-    return int(numba.config.NUMBA_NUM_THREADS)
+    count = numba.get_num_threads() if pool_started() else int(numba.config.NUMBA_NUM_THREADS)
+    if hasattr(os, "sched_getaffinity"):
+        count = min(count, len(os.sched_getaffinity(0)))
+    torch = sys.modules.get("torch")
+    get_num_threads = getattr(torch, "get_num_threads", None)
+    if get_num_threads is not None:
+        count = min(count, get_num_threads())
+    return max(count, 1)
 
 
-def use_parallel(work: int, minimum: int, batch: int | None = None) -> bool:
-    """Whether a pass over ``work`` units (elements or cells, compared with ``minimum``) should run on
-    Numba's threads; ``batch``: the number of independent items a pass parallel over the batch splits."""
+def thread_count(work: int, minimum: int, batch: int | None = None) -> int:
+    """Threads for a pass over ``work`` units (elements or cells, compared with ``minimum``); 1 means the
+    serial kernel. ``batch``: the number of independent items a pass that is parallel over the batch
+    splits between its threads."""
     if _forked_child or work < minimum or (batch is not None and batch < 2):
-        return False
-    return _usable_threads() > 1
+        return 1
+    count = _allowed_threads()
+    return min(count, batch) if batch is not None else count
+
+
+def _global_openmp():
+    """``(get, set)`` pairs for the thread count and the nesting depth of the OpenMP runtime in the process's
+    global symbol scope (torch's ``libgomp`` after ``import torch``), or None when there is none."""
+    try:
+        lib = ctypes.CDLL(None)
+        pairs = ((lib.omp_get_max_threads, lib.omp_set_num_threads),
+                 (lib.omp_get_max_active_levels, lib.omp_set_max_active_levels))
+    except (AttributeError, OSError):
+        return None
+    for get, set_ in pairs:
+        get.restype, get.argtypes = ctypes.c_int, []
+        set_.restype, set_.argtypes = None, [ctypes.c_int]
+    return pairs
 
 
 @contextlib.contextmanager
 def starting_pool() -> Iterator[None]:
-    """Around the first load of a parallel kernel: Numba's pool starts with :data:`POOL_ENVIRONMENT` set
-    (each variable only if the user has not set it), which is removed again afterwards. Only the runtime
-    loaded inside the block reads it, so frameworks imported before or after keep their own settings."""
+    """Around the start of Numba's thread pool: :data:`POOL_ENVIRONMENT` is set while it starts (each
+    variable only if the user has not set it), and the thread count and nesting of an OpenMP runtime that
+    was already in the process (torch's) are put back afterwards. See the module docstring."""
     if pool_started():
         yield
         return
     added = [name for name in POOL_ENVIRONMENT if name not in os.environ]
     for name in added:
         os.environ[name] = POOL_ENVIRONMENT[name]
+    openmp = _global_openmp()
+    saved = [get() for get, _ in openmp] if openmp else []
     try:
         yield
     finally:
         for name in added:
             os.environ.pop(name, None)
+        for (_, set_), value in zip(openmp or (), saved):
+            set_(value)
+
+
+def start_pool() -> None:
+    """Start Numba's thread pool (its threading layer) the way :func:`starting_pool` describes; a no-op
+    once it runs. Numba would otherwise start it inside the first parallel kernel call."""
+    if pool_started():
+        return
+    with starting_pool():
+        from numba.np.ufunc import parallel
+
+        parallel._launch_threads()
