@@ -52,7 +52,9 @@ from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
-sys.path[:0] = [str(REPO_ROOT), str(HERE)]
+# --code DIR: measure the rnnt_xla of another checkout (e.g. before a change); workers and demos inherit it.
+CODE = Path(os.environ.get("RNNT_XLA_BENCH_CODE", REPO_ROOT))
+sys.path[:0] = [str(CODE), str(HERE)]
 
 from bench_cpu import CpuByOthers, _loadavg, environment, wait_until_quiet  # noqa: E402
 
@@ -223,11 +225,10 @@ def torch_steps(shape: tuple[int, ...], names: list[str]) -> dict[str, Callable[
 
 
 def jax_steps(shape: tuple[int, ...], names: list[str]) -> dict[str, Callable[[], float]]:
-    """The torch step in JAX: one ``jax.jit`` of loss, gradient and Adam update (optax) per implementation."""
+    """The torch step in JAX: one ``jax.jit`` of loss, gradient and Adam update per implementation."""
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import optax
 
     B, T, U, V, H = shape
     rng = np.random.default_rng(0)
@@ -262,7 +263,16 @@ def jax_steps(shape: tuple[int, ...], names: list[str]) -> dict[str, Callable[[]
             from plain_jax import rnnt_loss_plain_jax as rnnt_loss
         return lambda x: rnnt_loss(x, labels, frame_lengths, label_lengths, blank=0, reduction="mean")
 
-    optimizer = optax.adam(1e-3)
+    def adam(params, grads, opt_state, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):
+        """torch.optim.Adam's update (written out: the peers environment has no optax)."""
+        step, m, v = opt_state
+        step = step + 1
+        m = jax.tree_util.tree_map(lambda m, g: b1 * m + (1 - b1) * g, m, grads)
+        v = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, v, grads)
+        scale = lr * jnp.sqrt(1 - b2**step) / (1 - b1**step)
+        params = jax.tree_util.tree_map(lambda p, m, v: p - scale * m / (jnp.sqrt(v) + eps), params, m, v)
+        return params, (step, m, v)
+
     steps = {}
     for name in names:
         loss = loss_fn(name)
@@ -270,11 +280,12 @@ def jax_steps(shape: tuple[int, ...], names: list[str]) -> dict[str, Callable[[]
         @jax.jit
         def train(params, opt_state, loss=loss):
             value, grads = jax.value_and_grad(lambda p: loss(logits_of(p)))(params)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, value
+            params, opt_state = adam(params, grads, opt_state)
+            return params, opt_state, value
 
         state = {"params": init(jax.random.PRNGKey(0))}
-        state["opt"] = optimizer.init(state["params"])
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
+        state["opt"] = (jnp.zeros((), jnp.float32), zeros, zeros)
 
         def step(train=train, state=state) -> float:
             state["params"], state["opt"], value = train(state["params"], state["opt"])
@@ -405,18 +416,19 @@ DEMOS = {"demo --steps 100 --framework torch": ["demo", "--steps", "100", "--fra
          "demo (full)": ["demo"]}
 
 
-def time_demos(busy_limit: float, names: list[str]) -> list[dict]:
+def time_demos(busy_limit: float, names: list[str], repeats: int = 1) -> list[dict]:
     rows = []
     for name in names:
         for condition in ("quiet", "busy"):
-            busy = BusyCore(busy_limit) if condition == "busy" else _nothing()
-            with busy:
-                start = time.perf_counter()
-                proc = subprocess.run([sys.executable, "-m", "rnnt_xla", *DEMOS[name]], capture_output=True,
-                                      text=True, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-                seconds = time.perf_counter() - start
-            rows.append({"demo": name, "condition": condition, "seconds": seconds, "returncode": proc.returncode,
-                         "load_after": _loadavg()})
+            for _ in range(repeats):
+                busy = BusyCore(busy_limit) if condition == "busy" else _nothing()
+                with busy:
+                    start = time.perf_counter()
+                    proc = subprocess.run([sys.executable, "-m", "rnnt_xla", *DEMOS[name]], capture_output=True,
+                                          text=True, cwd=CODE, env={**os.environ, "PYTHONPATH": str(CODE)})
+                    seconds = time.perf_counter() - start
+                rows.append({"demo": name, "condition": condition, "seconds": seconds,
+                             "returncode": proc.returncode, "code": str(CODE), "load_after": _loadavg()})
     return rows
 
 
@@ -442,10 +454,11 @@ def check_targets(report: dict) -> list[dict]:
             value = t["ratio_to_best_rnnt_xla"]
             rows.append({"target": f"rnnt_xla default / best rnnt_xla setting, {t['condition']} {t['size']}",
                          "value": value, "goal": f"<= {TARGET}", "met": None if value is None else value <= TARGET})
-    demos = {(d["demo"], d["condition"]): d["seconds"] for d in report.get("demos", [])}
     for name in DEMOS:
-        if (name, "quiet") in demos and (name, "busy") in demos:
-            value = demos[name, "busy"] / demos[name, "quiet"]
+        quiet = [d["seconds"] for d in report.get("demos", []) if d["demo"] == name and d["condition"] == "quiet"]
+        busy = [d["seconds"] for d in report.get("demos", []) if d["demo"] == name and d["condition"] == "busy"]
+        if quiet and busy:
+            value = statistics.median(busy) / statistics.median(quiet)
             rows.append({"target": f"{name}: busy / quiet wall time", "value": value, "goal": "<= 1.5",
                          "met": value <= 1.5})
     return rows
@@ -560,6 +573,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="also time `python -m rnnt_xla demo --steps 100 --framework torch` and the full demo, "
                              "quiet and busy")
     parser.add_argument("--demo-only", action="store_true", help="only the demo timings")
+    parser.add_argument("--demos", nargs="+", choices=list(DEMOS), default=list(DEMOS), help="which demos to time")
+    parser.add_argument("--demo-repeats", type=int, default=1, help="runs of each demo per condition")
+    parser.add_argument("--code", type=Path, default=None,
+                        help="rnnt_xla checkout to measure (default: this one), e.g. the commit before a change")
     parser.add_argument("--busy-limit", type=float, default=900,
                         help="the background load ends by itself after this many seconds (default: 900)")
     parser.add_argument("--timeout", type=float, default=1800, help="per worker process (default: 1800 s)")
@@ -570,6 +587,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", choices=CONDITIONS, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.code is not None:  # this process never imports rnnt_xla; its workers and demos do
+        global CODE
+        CODE = args.code.resolve()
+        os.environ["RNNT_XLA_BENCH_CODE"] = str(CODE)
     if args.worker:
         run_worker(args.worker, args.sizes, args.repeats, args.peer_repeats, args.worker_out)
         return
@@ -601,12 +622,12 @@ def main(argv: list[str] | None = None) -> None:
     demos = []
     if args.demo or args.demo_only:
         with console.status("python -m rnnt_xla demo, quiet and busy"):
-            demos = time_demos(args.busy_limit, list(DEMOS))
+            demos = time_demos(args.busy_limit, args.demos, args.demo_repeats)
     summarise(results)
     report = {
         "environment": environment(len(os.sched_getaffinity(0))),
         "settings": {"conditions": conditions, "sizes": args.sizes, "shapes": SIZES, "repeats": args.repeats, "peer_repeats": args.peer_repeats,
-                     "features": FEATURES, "order": "round-robin per step after each implementation's warm-up"},
+                     "features": FEATURES, "code": str(CODE), "order": "round-robin per step after each implementation's warm-up"},
         "noise": {"loadavg_before": load_before, "loadavg_after": _loadavg(),
                   "cpu_used_by_other_processes_cores": others.cores()},
         "notes": notes,
