@@ -16,8 +16,9 @@ In each step the loss is one of:
 - ``rnnt_xla``: rnnt_xla with its default settings;
 - ``rnnt_xla_1thread``: rnnt_xla with ``numba.set_num_threads(1)`` around each kernel call (in the thread
   that calls the kernels, which for JAX is one of XLA's);
-- ``rnnt_xla_parallel``: rnnt_xla with every pass on all of Numba's threads, whatever its size (the size
-  thresholds of ``rnnt_xla.kernels.threads`` set to 0; left out where the kernels have none);
+- ``rnnt_xla_parallel``: rnnt_xla with every pass on all of Numba's threads, whatever its size and
+  torch's thread count (``rnnt_xla.kernels.threads``: size thresholds 0, ``FOLLOW_TORCH_THREADS`` off;
+  left out where the kernels have no such module: there every pass is parallel already);
 - ``plain_torch`` / ``plain_jax`` (``plain_torch.py``, ``plain_jax.py``): the loss written with the
   framework's own ops, autograd for the backward;
 - ``torchaudio``: ``torchaudio.functional.rnnt_loss``, when torchaudio imports (only in the peers
@@ -123,14 +124,17 @@ class Setting:
         if self.name == "rnnt_xla_1thread":
             self.cpu.forward, self.cpu.backward = map(_one_thread, self.kernels)
         elif self.name == "rnnt_xla_parallel":
-            self.saved = self.threads.PARALLEL_MIN_ELEMENTS, self.threads.PARALLEL_MIN_CELLS
+            self.saved = (self.threads.PARALLEL_MIN_ELEMENTS, self.threads.PARALLEL_MIN_CELLS,
+                          self.threads.FOLLOW_TORCH_THREADS)
             self.threads.PARALLEL_MIN_ELEMENTS = self.threads.PARALLEL_MIN_CELLS = 0
+            self.threads.FOLLOW_TORCH_THREADS = False
         return self
 
     def __exit__(self, *exc) -> None:
         self.cpu.forward, self.cpu.backward = self.kernels
         if self.name == "rnnt_xla_parallel":
-            self.threads.PARALLEL_MIN_ELEMENTS, self.threads.PARALLEL_MIN_CELLS = self.saved
+            (self.threads.PARALLEL_MIN_ELEMENTS, self.threads.PARALLEL_MIN_CELLS,
+             self.threads.FOLLOW_TORCH_THREADS) = self.saved
 
 
 def _available(framework: str, note: Callable[[str], None]) -> list[str]:
@@ -355,6 +359,65 @@ def run_worker(condition: str, sizes: list[str], repeats: int, peer_repeats: int
     }))
 
 
+# --- the loss alone, serial vs parallel kernels by size (how the size thresholds were chosen) -------------
+
+CROSSOVER_SHAPES = [(16, 50, 8, 11), (64, 50, 8, 11), (16, 60, 15, 64), (8, 100, 30, 128), (16, 60, 15, 256),
+                    (8, 100, 30, 256), (8, 100, 30, 512), (16, 100, 30, 512)]
+CROSSOVER_CONDITIONS = ["quiet/torch2", "busy/torch2", "quiet/numpy", "busy/numpy"]
+
+
+def run_crossover_worker(condition: str, repeats: int, out: Path) -> None:
+    """fwd+bwd of the kernels on numpy arrays, every pass serial vs every pass parallel (thresholds 0),
+    alternating call by call; "torch2": torch imported first with 2 intra-op threads (Numba then shares
+    torch's OpenMP runtime), "numpy": no torch (Numba loads its own, passive)."""
+    import numpy as np
+
+    if "torch" in condition:
+        import torch
+
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        torch.ones(64, 64) @ torch.ones(64, 64)
+    from rnnt_xla.kernels import cpu, threads
+
+    rows = []
+    for shape in CROSSOVER_SHAPES:
+        B, T, U, V = shape
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((B, T, U + 1, V), dtype=np.float32)
+        idx = (rng.integers(1, V, (B, U)).astype(np.int64), np.full(B, T, np.int64), np.full(B, U, np.int64))
+
+        def run() -> None:
+            costs, res = np.empty(B, np.float32), cpu.allocate_residuals(B, T, U + 1, x.dtype)
+            cpu.forward(x, *idx, 0, True, 0.0, costs, res)
+            cpu.backward(x, *idx, 0, True, 0.0, -1.0, np.full(B, 1.0 / B), res, np.empty_like(x))
+
+        times: dict[str, list[float]] = {"serial": [], "parallel": []}
+        n = max(repeats, int(3e7 / x.size))
+        for i in range(n + 2):
+            for mode in times:
+                threads.PARALLEL_MIN_ELEMENTS = threads.PARALLEL_MIN_CELLS = 0 if mode == "parallel" else 1 << 62
+                threads.FOLLOW_TORCH_THREADS = False
+                start = time.perf_counter()
+                run()
+                if i >= 2:  # two warm-up rounds
+                    times[mode].append(time.perf_counter() - start)
+        rows.append({"condition": condition, "shape": shape, "elements": int(x.size), "cells": B * T * (U + 1),
+                     **{f"{m}_median_s": statistics.median(t) for m, t in times.items()}})
+    out.write_text(json.dumps({"rows": rows}))
+
+
+def crossover_table(rows: list[dict]):
+    from report import _ms, _table
+
+    table = _table("Loss alone (fwd+bwd kernels, numpy): median ms, every pass serial vs every pass parallel",
+                   ["condition", "B,T,U,V", "elements", "cells", "serial", "parallel", "serial / parallel"], left=2)
+    for r in rows:
+        table.add_row(r["condition"], ",".join(map(str, r["shape"])), f"{r['elements']:,}", f"{r['cells']:,}",
+                      _ms(r["serial_median_s"]), _ms(r["parallel_median_s"]),
+                      f"{r['serial_median_s'] / r['parallel_median_s']:.2f}")
+    return table
+
+
 class _nothing:
     def __enter__(self):
         return self
@@ -396,11 +459,13 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
 
 
 def run_condition(condition: str, sizes: list[str], repeats: int, peer_repeats: int, busy_limit: float,
-                  timeout: float) -> dict:
+                  timeout: float, crossover: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        command = [sys.executable, __file__, "--worker", condition, "--worker-out", str(out),
-                   "--sizes", *sizes, "--repeats", str(repeats), "--peer-repeats", str(peer_repeats)]
+        command = [sys.executable, __file__, "--crossover-worker" if crossover else "--worker", condition,
+                   "--worker-out", str(out), "--repeats", str(repeats), "--peer-repeats", str(peer_repeats)]
+        if sizes:
+            command += ["--sizes", *sizes]
         busy = BusyCore(busy_limit) if condition.startswith("busy") else _nothing()
         with busy:
             proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
@@ -490,6 +555,8 @@ def tables(report: dict) -> list:
                         cells.append(f"{_ms(t['median_s'])} ({_ratio(t['ratio_to_best_rnnt_xla'])}x)")
                 table.add_row(condition, f"{size} {','.join(map(str, SIZES[size]))}", *cells)
         out.append(table)
+    if report.get("crossover"):
+        out.append(crossover_table(report["crossover"]))
     if report.get("demos"):
         table = _table("python -m rnnt_xla demo: wall time (s)", ["demo", "condition", "seconds", "exit code"])
         for d in report["demos"]:
@@ -584,7 +651,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="first wait up to SECONDS for the 1-min load average to fall below 0.5")
     parser.add_argument("--name", default=None, help="results name: train_step_<name>.* (default: hostname)")
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
+    parser.add_argument("--crossover", action="store_true",
+                        help="also time the loss alone, serial vs parallel kernels by size, quiet and busy")
+    parser.add_argument("--crossover-only", action="store_true", help="only that")
     parser.add_argument("--worker", choices=CONDITIONS, help=argparse.SUPPRESS)
+    parser.add_argument("--crossover-worker", choices=CROSSOVER_CONDITIONS, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.code is not None:  # this process never imports rnnt_xla; its workers and demos do
@@ -593,6 +664,9 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["RNNT_XLA_BENCH_CODE"] = str(CODE)
     if args.worker:
         run_worker(args.worker, args.sizes, args.repeats, args.peer_repeats, args.worker_out)
+        return
+    if args.crossover_worker:
+        run_crossover_worker(args.crossover_worker, args.repeats, args.worker_out)
         return
 
     import socket
@@ -607,7 +681,15 @@ def main(argv: list[str] | None = None) -> None:
     others = CpuByOthers()
     results: list[dict] = []
     notes: list[str] = []
-    conditions = [] if args.demo_only else args.conditions
+    conditions = [] if (args.demo_only or args.crossover_only) else args.conditions
+    crossover: list[dict] = []
+    for condition in CROSSOVER_CONDITIONS if (args.crossover or args.crossover_only) else []:
+        with console.status(f"loss alone, serial vs parallel: {condition}"):
+            data = run_condition(condition, [], args.repeats, 0, args.busy_limit, args.timeout, crossover=True)
+        if "error" in data:
+            console.print(f"[red]crossover {condition}: {data['error']}")
+            continue
+        crossover.extend(data["rows"])
     for condition in conditions:
         with console.status(f"{condition}: {', '.join(args.sizes)}"):
             data = run_condition(condition, args.sizes, args.repeats, args.peer_repeats, args.busy_limit, args.timeout)
@@ -633,6 +715,7 @@ def main(argv: list[str] | None = None) -> None:
         "notes": notes,
         "results": results,
         "demos": demos,
+        "crossover": crossover,
     }
     report["targets"] = check_targets(report)
     for table in tables(report):

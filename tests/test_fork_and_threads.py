@@ -254,3 +254,27 @@ def test_thread_count_follows_torch_and_affinity(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(threads, "_forked_child", True)
     assert threads.thread_count(10**12, 0) == 1
+
+
+OWN_RUNTIME = textwrap.dedent("""
+    import torch
+    torch.ones(8, 8) @ torch.ones(8, 8)
+    from rnnt_xla.kernels import threads
+    threads.start_pool()
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's LD_DEBUG")
+def test_numba_pool_gets_its_own_openmp_runtime_after_import_torch():
+    """Numba's omp layer used to run its regions on torch's libgomp (torch's spin-wait policy, torch's pool);
+    it now binds to the libgomp it was built against, whose wait policy rnnt_xla sets."""
+    pytest.importorskip("torch")
+    import os
+
+    result = subprocess.run([sys.executable, "-c", OWN_RUNTIME], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "LD_DEBUG": "bindings"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    bindings = [line for line in result.stderr.splitlines() if "omppool" in line and "`GOMP_parallel'" in line]
+    if not bindings:
+        pytest.skip("the omp threading layer is not the one Numba picked here")
+    assert "torch" not in bindings[0].split(" to ")[-1], bindings[0]

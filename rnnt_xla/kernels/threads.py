@@ -6,11 +6,11 @@ by one thread in the same order either way, so both give identical bits; :func:`
 threads per pass and call (1: the serial variant):
 
 - **Small passes run serially.** A parallel region wakes the pool's threads and ends with a barrier; when
-  another process (a data-loader worker, another job) holds a core, the barrier waits until the OS
-  schedules the descheduled thread again, up to a time slice (milliseconds) per region. A pass below
+  another process (a data-loader worker, another job) holds a core, the barrier can wait until the OS
+  schedules a descheduled thread again, up to a time slice (milliseconds). A pass below
   :data:`PARALLEL_MIN_ELEMENTS` logits (log-softmax and gradient passes, ~0.5-1 ns per entry serially)
   or :data:`PARALLEL_MIN_CELLS` lattice cells (alphas and betas, ~25 ns per cell, parallel over the batch)
-  takes a few milliseconds at most serially, and there the threads gain less than such a wait costs.
+  takes about a millisecond serially: the threads can save less than such a wait costs.
 - **A forked child runs serially.** After a process has started Numba's thread pool, a ``fork()``ed child
   has the pool's state but none of its threads: GNU OpenMP (Numba's ``omp`` layer) terminates such a child
   at its first parallel region ("fork() called from a process already using GNU OpenMP"), grandchildren
@@ -21,15 +21,24 @@ threads per pass and call (1: the serial variant):
   imported, torch's intra-op count (``torch.get_num_threads()``; a process told to run torch on one thread
   runs the loss on one thread too).
 
-Starting the pool (:func:`start_pool`, before the first parallel pass). When torch is imported first,
-Numba's ``omp`` layer binds to torch's ``libgomp`` (the OpenMP runtime already in the process's global
-symbol scope), so torch and the loss share one pool, and starting it sets that runtime's thread count
-and nesting for the calling thread: a ``torch.set_num_threads(1)`` made earlier was silently undone
-(torch's ops then ran on every core, which on a machine with a busy core made ``python -m rnnt_xla demo``
-8x slower). Both settings are put back right after the start. Without torch, the layer loads the
-system's ``libgomp``, which reads ``OMP_WAIT_POLICY`` once when it loads: :data:`POOL_ENVIRONMENT` gives it
-a passive policy (unless the user set one), so that threads that finished their share sleep instead of
-spinning ~3 ms per region on cores other processes need; the variable is removed again right after.
+Starting the pool (:func:`start_pool`, before the first parallel pass). Numba's ``omp`` layer would bind
+to the OpenMP runtime already in the process's global symbol scope, which after ``import torch`` is torch's
+``libgomp``: torch and the loss then shared one pool with torch's busy-wait policy (a thread that finishes
+its share of a region spins ~3 ms for the next one), and starting it set that runtime's thread count and
+nesting, silently undoing an earlier ``torch.set_num_threads(1)`` (torch's own ops then ran on every core
+again). Now:
+
+- the layer is loaded with ``RTLD_DEEPBIND`` when another OpenMP runtime is in the process, so it binds to
+  the system ``libgomp`` it was built against (its own pool); ``RNNT_XLA_OWN_OPENMP=0`` turns that off;
+- that ``libgomp`` reads ``OMP_WAIT_POLICY`` once, when it loads: :data:`POOL_ENVIRONMENT` makes it passive
+  (unless the user set the variable), so threads that finished their share sleep instead of spinning on
+  cores other processes need; the variable is removed again right after the load, so torch's runtime
+  (loaded before or after) keeps its own policy;
+- the thread count and nesting of the runtime that was already loaded are put back after the start.
+
+Measured (``benchmarks/bench_train_step.py --crossover``, loss alone, 2 cores): with torch's shared runtime
+the parallel kernels were up to 2x slower than the serial ones with one core busy; with their own passive
+runtime they are as fast as serial ones there and 1.7-1.9x faster on a quiet machine.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ __all__ = [
     "PARALLEL_MIN_ELEMENTS",
     "PARALLEL_MIN_CELLS",
     "POOL_ENVIRONMENT",
+    "OWN_OPENMP",
     "thread_count",
     "in_forked_child",
     "pool_started",
@@ -51,13 +61,21 @@ __all__ = [
     "starting_pool",
 ]
 
-# Passes below these sizes run serially (see the module docstring). Elements: entries of the logits a pass
-# reads (B*T*(U+1)*V); cells: lattice cells (B*T*(U+1)).
-PARALLEL_MIN_ELEMENTS = 4_000_000
-PARALLEL_MIN_CELLS = 100_000
+# Passes below these sizes run serially (see the module docstring): about a millisecond of serial work.
+# Elements: entries of the logits a pass reads (B*T*(U+1)*V); cells: lattice cells (B*T*(U+1)).
+PARALLEL_MIN_ELEMENTS = 1_000_000
+PARALLEL_MIN_CELLS = 40_000
 
 # OpenMP settings for a runtime that Numba's pool loads itself, unless the user set them (starting_pool).
 POOL_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+# Cap the loss's threads at torch.get_num_threads() when torch is imported (see the module docstring).
+FOLLOW_TORCH_THREADS = True
+
+# With another OpenMP runtime already loaded (torch's), Numba's omp layer is loaded with RTLD_DEEPBIND so
+# that it binds to the libgomp it was built against instead (see the module docstring). An escape hatch for
+# setups that do not allow RTLD_DEEPBIND (AddressSanitizer): RNNT_XLA_OWN_OPENMP=0.
+OWN_OPENMP = os.environ.get("RNNT_XLA_OWN_OPENMP", "1") != "0"
 
 _forked_child = False  # this process was forked after its parent (or an ancestor) started Numba's pool
 
@@ -93,7 +111,7 @@ def _allowed_threads() -> int:
         count = min(count, len(os.sched_getaffinity(0)))
     torch = sys.modules.get("torch")
     get_num_threads = getattr(torch, "get_num_threads", None)
-    if get_num_threads is not None:
+    if get_num_threads is not None and FOLLOW_TORCH_THREADS:
         count = min(count, get_num_threads())
     return max(count, 1)
 
@@ -126,8 +144,9 @@ def _global_openmp():
 @contextlib.contextmanager
 def starting_pool() -> Iterator[None]:
     """Around the start of Numba's thread pool: :data:`POOL_ENVIRONMENT` is set while it starts (each
-    variable only if the user has not set it), and the thread count and nesting of an OpenMP runtime that
-    was already in the process (torch's) are put back afterwards. See the module docstring."""
+    variable only if the user has not set it), the layer is loaded with ``RTLD_DEEPBIND`` if an OpenMP
+    runtime is already in the process (:data:`OWN_OPENMP`), and that runtime's thread count and nesting
+    are put back afterwards. See the module docstring."""
     if pool_started():
         yield
         return
@@ -136,9 +155,13 @@ def starting_pool() -> Iterator[None]:
         os.environ[name] = POOL_ENVIRONMENT[name]
     openmp = _global_openmp()
     saved = [get() for get, _ in openmp] if openmp else []
+    flags = sys.getdlopenflags()
+    if openmp and OWN_OPENMP and hasattr(os, "RTLD_DEEPBIND"):
+        sys.setdlopenflags(flags | os.RTLD_DEEPBIND)
     try:
         yield
     finally:
+        sys.setdlopenflags(flags)
         for name in added:
             os.environ.pop(name, None)
         for (_, set_), value in zip(openmp or (), saved):
