@@ -94,7 +94,14 @@ def _one_thread(kernel: Callable) -> Callable:
     """``kernel`` (``cpu.forward``/``cpu.backward``) with Numba's thread count 1 in the calling thread."""
     import numba
 
+    try:  # numba.get_num_threads() starts Numba's pool: start it the way rnnt_xla does
+        from rnnt_xla.kernels.threads import start_pool
+    except ImportError:
+        start_pool = None
+
     def wrapper(*args):
+        if start_pool is not None:
+            start_pool()
         before = numba.get_num_threads()
         numba.set_num_threads(1)
         try:
