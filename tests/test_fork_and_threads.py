@@ -244,6 +244,7 @@ def test_starting_numba_pool_keeps_torch_thread_count():
 def test_thread_count_follows_torch_and_affinity(monkeypatch):
     torch = pytest.importorskip("torch")
     before = torch.get_num_threads()
+    monkeypatch.setattr(threads, "FOLLOW_TORCH_THREADS", True)
     try:
         torch.set_num_threads(1)
         assert threads.thread_count(10**12, 0) == 1  # the process runs torch on one thread: so does the loss

@@ -17,9 +17,8 @@ threads per pass and call (1: the serial variant):
   wait forever. :func:`os.register_at_fork` marks such children, and every pass runs serially there
   (forked ``DataLoader`` workers and ``multiprocessing`` pools are the default on Linux).
 - **No more threads than the process may use**: Numba's count (``NUMBA_NUM_THREADS``,
-  ``numba.set_num_threads``), the cores in the process's current affinity mask, and, when torch is
-  imported, torch's intra-op count (``torch.get_num_threads()``; a process told to run torch on one thread
-  runs the loss on one thread too).
+  ``numba.set_num_threads``) and the cores in the process's current affinity mask; with
+  :data:`FOLLOW_TORCH_THREADS` also torch's intra-op count (off by default, see there).
 
 Starting the pool (:func:`start_pool`, before the first parallel pass). Numba's ``omp`` layer would bind
 to the OpenMP runtime already in the process's global symbol scope, which after ``import torch`` is torch's
@@ -54,6 +53,7 @@ __all__ = [
     "PARALLEL_MIN_CELLS",
     "POOL_ENVIRONMENT",
     "OWN_OPENMP",
+    "FOLLOW_TORCH_THREADS",
     "thread_count",
     "in_forked_child",
     "pool_started",
@@ -69,8 +69,10 @@ PARALLEL_MIN_CELLS = 40_000
 # OpenMP settings for a runtime that Numba's pool loads itself, unless the user set them (starting_pool).
 POOL_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
 
-# Cap the loss's threads at torch.get_num_threads() when torch is imported (see the module docstring).
-FOLLOW_TORCH_THREADS = True
+# Cap the loss's threads at torch.get_num_threads() when torch is imported. Off by default: with its own
+# passive pool the parallel loss was as fast or faster in a training step with torch on one intra-op thread,
+# also with a busy core (bench_train_step: 30.6 vs 36.9 ms per step at "medium", busy/torch1).
+FOLLOW_TORCH_THREADS = False
 
 # With another OpenMP runtime already loaded (torch's), Numba's omp layer is loaded with RTLD_DEEPBIND so
 # that it binds to the libgomp it was built against instead (see the module docstring). An escape hatch for
