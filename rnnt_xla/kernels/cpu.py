@@ -29,10 +29,12 @@ import ctypes
 import math
 import sys
 import threading
+import types
 from typing import NamedTuple
 
 import numpy as np
 
+from . import threads
 from .numba_startup import import_arraymath_without_scipy, paused_garbage_collector
 
 with paused_garbage_collector():  # Numba's import is part of its start-up (see numba_startup)
@@ -66,11 +68,11 @@ _JIT = dict(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
 
 # Numba's "workqueue" threading layer (the fallback when neither OpenMP nor TBB is available) aborts the
 # process when two threads launch parallel kernels at once; serialise the passes unless a thread-safe
-# layer is active. The layer is only known after the first launch, so that one is serialised too.
+# layer is active.
 _WORKQUEUE_LOCK = threading.Lock()
 
 
-# Entry points (forward, backward) whose kernels this process has already loaded or compiled.
+# Entry points and kernel variants ("forward/serial", ...) whose kernels this process has loaded or compiled.
 _STARTED: set[str] = set()
 
 
@@ -82,12 +84,14 @@ def _start_up_section(entry: str):
     return paused_garbage_collector()
 
 
-def _parallel_section():
-    try:
-        layer = numba.threading_layer()
-    except ValueError:  # no parallel kernel has run yet in this process
-        layer = None
-    return contextlib.nullcontext() if layer in ("omp", "tbb") else _WORKQUEUE_LOCK
+def _parallel_section(parallel: bool = True):
+    """Around a call that may launch parallel kernels: Numba's thread pool started first, the way
+    ``threads.starting_pool`` describes, and the call serialised under Numba's workqueue layer (see
+    ``_WORKQUEUE_LOCK``)."""
+    if not parallel:
+        return contextlib.nullcontext()
+    threads.start_pool()
+    return contextlib.nullcontext() if numba.threading_layer() in ("omp", "tbb") else _WORKQUEUE_LOCK
 
 
 class Residuals(NamedTuple):
@@ -402,15 +406,68 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, fused_log_s
                 store(g, label, min(max(g_label, -limit), limit) * scale)
 
 
+def _serial_variant(kernel):
+    """``kernel`` compiled without ``parallel=True`` (its ``prange`` runs as ``range``): the same rows, each
+    computed in the same order, hence the same bits. Its own name keeps Numba's on-disk cache entries of the
+    two variants apart (Numba's cache index does not tell compile options apart)."""
+    func = kernel.py_func
+    serial = types.FunctionType(func.__code__, func.__globals__, f"{func.__name__}_serial", func.__defaults__,
+                                func.__closure__)
+    serial.__qualname__ = serial.__name__
+    serial.__module__ = func.__module__
+    serial.__doc__ = f"Serial variant of :func:`{func.__name__}` (same arguments, same results)."
+    return njit(**_JIT)(serial)
+
+
+log_normalizers_serial = _serial_variant(log_normalizers)
+alphas_and_costs_serial = _serial_variant(alphas_and_costs)
+betas_serial = _serial_variant(betas)
+gradients_serial = _serial_variant(gradients)
+
+
+def _choose(logits: np.ndarray, lattice: np.ndarray) -> tuple[int, int]:
+    """Threads for the logits passes and for the lattice passes (1: the serial kernel; see ``threads``).
+
+    ``logits: (B, T, U1, V)``; ``lattice: (B, T, U1)``, one of the residuals."""
+    rows = threads.thread_count(logits.size, threads.PARALLEL_MIN_ELEMENTS)
+    cells = threads.thread_count(lattice.size, threads.PARALLEL_MIN_CELLS, batch=lattice.shape[0])
+    return rows, cells
+
+
+def _section(entry: str, rows: int, cells: int) -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    stack.enter_context(_parallel_section(max(rows, cells) > 1))
+    stack.enter_context(_start_up_section(f"{entry}/{min(rows, 2)}/{min(cells, 2)}"))  # variants loaded
+    return stack
+
+
+def _launch(parallel_kernel, serial_kernel, count: int, *args) -> None:
+    """``serial_kernel(*args)`` for ``count == 1``, else ``parallel_kernel(*args)`` on ``count`` threads."""
+    if count == 1:
+        serial_kernel(*args)
+        return
+    before = numba.get_num_threads()  # per calling thread in Numba
+    if count != before:
+        numba.set_num_threads(count)
+    try:
+        parallel_kernel(*args)
+    finally:
+        if count != before:
+            numba.set_num_threads(before)
+
+
 def forward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray, target_lengths: np.ndarray,
             blank: int, fused_log_softmax: bool, fastemit_lambda: float,
             costs: np.ndarray, residuals: Residuals) -> None:
     """Costs ``(B,)`` into ``costs`` and the forward residuals into ``residuals`` (caller-allocated)."""
-    with _parallel_section(), _start_up_section("forward"):
-        log_normalizers(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax,
-                        residuals.log_norm, residuals.log_blank, residuals.log_emit)
-        alphas_and_costs(residuals.log_blank, residuals.log_emit, logit_lengths, target_lengths,
-                         fastemit_lambda, residuals.alphas, residuals.log_likelihood, costs)
+    rows, cells = _choose(logits, residuals.alphas)
+    with _section("forward", rows, cells):
+        _launch(log_normalizers, log_normalizers_serial, rows,
+                logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax,
+                residuals.log_norm, residuals.log_blank, residuals.log_emit)
+        _launch(alphas_and_costs, alphas_and_costs_serial, cells,
+                residuals.log_blank, residuals.log_emit, logit_lengths, target_lengths,
+                fastemit_lambda, residuals.alphas, residuals.log_likelihood, costs)
 
 
 def backward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray, target_lengths: np.ndarray,
@@ -419,8 +476,11 @@ def backward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray,
     """Gradient w.r.t. ``logits`` into ``grads`` (same shape and dtype), each utterance's gradient clamped
     and then multiplied by ``grad_scale: (B,) float64``. Allocates only the ``(B, T, U1)`` betas."""
     beta = np.empty_like(residuals.alphas)
-    with _parallel_section(), _start_up_section("backward"):
-        betas(residuals.log_blank, residuals.log_emit, logit_lengths, target_lengths, beta)
-        gradients(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, fastemit_lambda,
-                  clamp, grad_scale, residuals.log_norm, residuals.log_blank, residuals.log_emit,
-                  residuals.alphas, beta, residuals.log_likelihood, grads)
+    rows, cells = _choose(logits, residuals.alphas)
+    with _section("backward", rows, cells):
+        _launch(betas, betas_serial, cells,
+                residuals.log_blank, residuals.log_emit, logit_lengths, target_lengths, beta)
+        _launch(gradients, gradients_serial, rows,
+                logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, fastemit_lambda,
+                clamp, grad_scale, residuals.log_norm, residuals.log_blank, residuals.log_emit,
+                residuals.alphas, beta, residuals.log_likelihood, grads)
