@@ -103,8 +103,9 @@ class _TileNormalisers:
         for a in (log_norm, log_blank, log_emit):  # padding rows and cells are never read; keep them defined
             a[...] = 0
         blank_f64, emit_f64 = _f64(log_blank), _f64(log_emit)
-        cpu.log_normalizers(cpu.as_kernel_array(np.asarray(logits_buf))[:n], targets[rows], frames[rows] - t0,
-                            labels[rows], options.shape.blank, True, log_norm[:n], blank_f64[:n], emit_f64[:n])
+        part = cpu.Residuals(log_norm[:n], blank_f64[:n], emit_f64[:n], None, None)  # pass 1 writes these
+        cpu.normalise(cpu.as_kernel_array(np.asarray(logits_buf))[:n], targets[rows], frames[rows] - t0,
+                      labels[rows], options.shape.blank, True, part)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +123,8 @@ class _Lattice:
         options = self.options
         _, frames, labels = _indices(np.zeros((0,)), frames_buf, labels_buf)
         costs = np.empty(options.shape.batch, dtype=np.asarray(loss).dtype)
-        cpu.alphas_and_costs(_f64(log_blank_buf), _f64(log_emit_buf), frames, labels, options.fastemit_lambda,
-                             _f64(alphas), _f64(log_likelihood), costs)
+        residuals = cpu.Residuals(None, _f64(log_blank_buf), _f64(log_emit_buf), _f64(alphas), _f64(log_likelihood))
+        cpu.lattice_forward(frames, labels, options.fastemit_lambda, residuals, costs)
         reduce_costs(costs[None], labels[None], options.reduction, np.asarray(loss)[None], options.mean_batch)
 
 
@@ -139,7 +140,8 @@ class _Betas:
 
     def one(self, betas, log_blank_buf, log_emit_buf, frames_buf, labels_buf) -> None:
         _, frames, labels = _indices(np.zeros((0,)), frames_buf, labels_buf)
-        cpu.betas(_f64(log_blank_buf), _f64(log_emit_buf), frames, labels, _f64(betas))
+        residuals = cpu.Residuals(None, _f64(log_blank_buf), _f64(log_emit_buf), None, None)
+        cpu.lattice_backward(frames, labels, residuals, _f64(betas))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,9 +177,9 @@ class _TileGradients:
         tile_betas[:, :min(t1 + 1, T) - t0] = betas[rows, t0:t1 + 1]
         logits = np.ascontiguousarray(cpu.as_kernel_array(np.asarray(logits_buf))[:n, :t1 - t0])
         out = np.empty_like(logits)
-        cpu.gradients(logits, targets[rows], frames[rows] - t0, labels[rows], options.shape.blank, True,
-                      options.fastemit_lambda, options.clamp, scale[rows], *residuals, tile_betas,
-                      _f64(log_likelihood_buf)[rows], out)
+        cpu.gradient(logits, targets[rows], frames[rows] - t0, labels[rows], options.shape.blank, True,
+                     options.fastemit_lambda, options.clamp, scale[rows],
+                     cpu.Residuals(*residuals, _f64(log_likelihood_buf)[rows]), tile_betas, out)
         grads[:n, :t1 - t0] = out
 
 

@@ -112,14 +112,13 @@ class _FusedRNNTLossFunction(torch.autograd.Function):
             logits = _call_joint(joint, tile, enc, pred, options.vocab, options.dtype)
             part = residuals.tile_buffers(tile)
             rows = tile.utterances
-            cpu.log_normalizers(_logits_for_kernels(logits.contiguous()), targets_np[rows], frames[rows] - tile.t0,
-                                labels[rows], shape.blank, True, part.log_norm, part.log_blank, part.log_emit)
+            cpu.normalise(_logits_for_kernels(logits.contiguous()), targets_np[rows], frames[rows] - tile.t0,
+                          labels[rows], shape.blank, True, part)
             residuals.scatter_pass1(tile, part)
             del logits
         res = residuals.arrays
         costs = np.empty(B, dtype=cpu.compute_dtype(_kernel_dtype(options.dtype)))
-        cpu.alphas_and_costs(res.log_blank, res.log_emit, frames, labels, options.fastemit_lambda, res.alphas,
-                             res.log_likelihood, costs)
+        cpu.lattice_forward(frames, labels, options.fastemit_lambda, res, costs)
         loss = np.empty((B,) if options.reduction == "none" else (), dtype=costs.dtype)
         reduce_costs(costs[None], labels[None], options.reduction, loss[None])
         ctx.save_for_backward(encoder_out, predictor_out, *params)
@@ -134,7 +133,7 @@ class _FusedRNNTLossFunction(torch.autograd.Function):
         options: _Options
         res = residuals.arrays
         betas = np.zeros_like(res.alphas)
-        cpu.betas(res.log_blank, res.log_emit, frames, labels, betas)
+        cpu.lattice_backward(frames, labels, res, betas)
         scale = gradient_scale(grad_loss.detach().numpy()[None], labels[None], options.reduction)[0]
         wants_enc, wants_pred = ctx.needs_input_grad[:2]
         grad_enc = torch.zeros_like(encoder_out) if wants_enc else None
@@ -156,9 +155,8 @@ class _FusedRNNTLossFunction(torch.autograd.Function):
                 part, tile_betas = residuals.gather(tile, betas)
                 grads = np.empty_like(logits_np)
                 rows = tile.utterances
-                cpu.gradients(logits_np, targets_np[rows], frames[rows] - tile.t0, labels[rows], options.shape.blank,
-                              True, options.fastemit_lambda, options.clamp, scale[rows], part.log_norm,
-                              part.log_blank, part.log_emit, part.alphas, tile_betas, part.log_likelihood, grads)
+                cpu.gradient(logits_np, targets_np[rows], frames[rows] - tile.t0, labels[rows], options.shape.blank,
+                             True, options.fastemit_lambda, options.clamp, scale[rows], part, tile_betas, grads)
                 found = list(torch.autograd.grad(logits, inputs, _tensor_from_kernel_array(grads, options.dtype),
                                                  allow_unused=True))
                 index = torch.from_numpy(rows)

@@ -54,6 +54,10 @@ __all__ = [
     "advise_huge_pages",
     "forward",
     "backward",
+    "normalise",
+    "lattice_forward",
+    "lattice_backward",
+    "gradient",
     "log_normalizers",
     "alphas_and_costs",
     "betas",
@@ -425,13 +429,19 @@ betas_serial = _serial_variant(betas)
 gradients_serial = _serial_variant(gradients)
 
 
-def _choose(logits: np.ndarray, lattice: np.ndarray) -> tuple[int, int]:
-    """Threads for the logits passes and for the lattice passes (1: the serial kernel; see ``threads``).
+def _rows(logits: np.ndarray) -> int:
+    """Threads for a pass over ``logits: (B, T, U1, V)`` (1: the serial kernel; see ``threads``)."""
+    return threads.thread_count(logits.size, threads.PARALLEL_MIN_ELEMENTS)
 
-    ``logits: (B, T, U1, V)``; ``lattice: (B, T, U1)``, one of the residuals."""
-    rows = threads.thread_count(logits.size, threads.PARALLEL_MIN_ELEMENTS)
-    cells = threads.thread_count(lattice.size, threads.PARALLEL_MIN_CELLS, batch=lattice.shape[0])
-    return rows, cells
+
+def _cells(lattice: np.ndarray) -> int:
+    """Threads for a lattice pass over ``lattice: (B, T, U1)``, one of the residuals."""
+    return threads.thread_count(lattice.size, threads.PARALLEL_MIN_CELLS, batch=lattice.shape[0])
+
+
+def _choose(logits: np.ndarray, lattice: np.ndarray) -> tuple[int, int]:
+    """Threads for the logits passes and for the lattice passes of one problem."""
+    return _rows(logits), _cells(lattice)
 
 
 def _section(entry: str, rows: int, cells: int) -> contextlib.ExitStack:
@@ -456,18 +466,51 @@ def _launch(parallel_kernel, serial_kernel, count: int, *args) -> None:
             numba.set_num_threads(before)
 
 
+def normalise(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray, target_lengths: np.ndarray,
+              blank: int, fused_log_softmax: bool, residuals: Residuals) -> None:
+    """Pass 1 (:func:`log_normalizers`) into ``residuals.log_norm/log_blank/log_emit``, serial or parallel."""
+    rows = _rows(logits)
+    with _section("log_normalizers", rows, 1):
+        _launch(log_normalizers, log_normalizers_serial, rows, logits, targets, logit_lengths, target_lengths,
+                blank, fused_log_softmax, residuals.log_norm, residuals.log_blank, residuals.log_emit)
+
+
+def lattice_forward(logit_lengths: np.ndarray, target_lengths: np.ndarray, fastemit_lambda: float,
+                    residuals: Residuals, costs: np.ndarray) -> None:
+    """Pass 2 (:func:`alphas_and_costs`) into ``residuals.alphas/log_likelihood`` and ``costs``."""
+    cells = _cells(residuals.alphas)
+    with _section("alphas_and_costs", 1, cells):
+        _launch(alphas_and_costs, alphas_and_costs_serial, cells, residuals.log_blank, residuals.log_emit,
+                logit_lengths, target_lengths, fastemit_lambda, residuals.alphas, residuals.log_likelihood, costs)
+
+
+def lattice_backward(logit_lengths: np.ndarray, target_lengths: np.ndarray, residuals: Residuals,
+                     out: np.ndarray) -> None:
+    """Pass 3 (:func:`betas`) into ``out: (B, T, U1)`` float64."""
+    cells = _cells(out)
+    with _section("betas", 1, cells):
+        _launch(betas, betas_serial, cells, residuals.log_blank, residuals.log_emit, logit_lengths,
+                target_lengths, out)
+
+
+def gradient(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray, target_lengths: np.ndarray,
+             blank: int, fused_log_softmax: bool, fastemit_lambda: float, clamp: float, grad_scale: np.ndarray,
+             residuals: Residuals, betas_: np.ndarray, grads: np.ndarray) -> None:
+    """Pass 4 (:func:`gradients`) into ``grads``. ``betas_`` may have one frame more than ``logits`` (a tile
+    of frames whose last frame needs the next one's betas)."""
+    rows = _rows(logits)
+    with _section("gradients", rows, 1):
+        _launch(gradients, gradients_serial, rows, logits, targets, logit_lengths, target_lengths, blank,
+                fused_log_softmax, fastemit_lambda, clamp, grad_scale, residuals.log_norm, residuals.log_blank,
+                residuals.log_emit, residuals.alphas, betas_, residuals.log_likelihood, grads)
+
+
 def forward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray, target_lengths: np.ndarray,
             blank: int, fused_log_softmax: bool, fastemit_lambda: float,
             costs: np.ndarray, residuals: Residuals) -> None:
     """Costs ``(B,)`` into ``costs`` and the forward residuals into ``residuals`` (caller-allocated)."""
-    rows, cells = _choose(logits, residuals.alphas)
-    with _section("forward", rows, cells):
-        _launch(log_normalizers, log_normalizers_serial, rows,
-                logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax,
-                residuals.log_norm, residuals.log_blank, residuals.log_emit)
-        _launch(alphas_and_costs, alphas_and_costs_serial, cells,
-                residuals.log_blank, residuals.log_emit, logit_lengths, target_lengths,
-                fastemit_lambda, residuals.alphas, residuals.log_likelihood, costs)
+    normalise(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, residuals)
+    lattice_forward(logit_lengths, target_lengths, fastemit_lambda, residuals, costs)
 
 
 def backward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray, target_lengths: np.ndarray,
@@ -476,11 +519,6 @@ def backward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray,
     """Gradient w.r.t. ``logits`` into ``grads`` (same shape and dtype), each utterance's gradient clamped
     and then multiplied by ``grad_scale: (B,) float64``. Allocates only the ``(B, T, U1)`` betas."""
     beta = np.empty_like(residuals.alphas)
-    rows, cells = _choose(logits, residuals.alphas)
-    with _section("backward", rows, cells):
-        _launch(betas, betas_serial, cells,
-                residuals.log_blank, residuals.log_emit, logit_lengths, target_lengths, beta)
-        _launch(gradients, gradients_serial, rows,
-                logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, fastemit_lambda,
-                clamp, grad_scale, residuals.log_norm, residuals.log_blank, residuals.log_emit,
-                residuals.alphas, beta, residuals.log_likelihood, grads)
+    lattice_backward(logit_lengths, target_lengths, residuals, beta)
+    gradient(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, fastemit_lambda, clamp,
+             grad_scale, residuals, beta, grads)
