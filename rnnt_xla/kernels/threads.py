@@ -10,7 +10,7 @@ threads per pass and call (1: the serial variant):
   schedules a descheduled thread again, up to a time slice (milliseconds). A pass below
   :data:`PARALLEL_MIN_ELEMENTS` logits (log-softmax and gradient passes, ~0.5-1 ns per entry serially)
   or :data:`PARALLEL_MIN_CELLS` lattice cells (alphas and betas, ~25 ns per cell, parallel over the batch)
-  takes about a millisecond serially: the threads can save less than such a wait costs.
+  takes about 0.1 ms serially: the threads can save less than such a wait costs.
 - **A forked child runs serially.** After a process has started Numba's thread pool, a ``fork()``ed child
   has the pool's state but none of its threads: GNU OpenMP (Numba's ``omp`` layer) terminates such a child
   at its first parallel region ("fork() called from a process already using GNU OpenMP"), grandchildren
@@ -61,10 +61,14 @@ __all__ = [
     "starting_pool",
 ]
 
-# Passes below these sizes run serially (see the module docstring): about a millisecond of serial work.
+# Passes below these sizes run serially (see the module docstring): about 0.1 ms of serial work. With the
+# pool's own passive OpenMP runtime, full training steps measured (bench_train_step, quiet and one core busy,
+# torch 1 and 2 threads, JAX) ran fastest, or within this VM's noise, with every pass parallel down to the
+# smallest size measured (64,50,8,11: 317K entries, 29K cells); 1M / 40K (the first choice) left the
+# small steps 1.23-1.25x slower on a quiet machine and 6x slower with torch at 2 threads and a core busy.
 # Elements: entries of the logits a pass reads (B*T*(U+1)*V); cells: lattice cells (B*T*(U+1)).
-PARALLEL_MIN_ELEMENTS = 1_000_000
-PARALLEL_MIN_CELLS = 40_000
+PARALLEL_MIN_ELEMENTS = 100_000
+PARALLEL_MIN_CELLS = 5_000
 
 # OpenMP settings for a runtime that Numba's pool loads itself, unless the user set them (starting_pool).
 POOL_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
