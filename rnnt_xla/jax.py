@@ -49,7 +49,7 @@ from .kernels import cuda as cuda_kernels
 from .reductions import gradient_scale, reduce_costs
 from .validation import ArraySpec, LossShape, check_arguments, check_lengths_and_labels
 
-__all__ = ["rnnt_loss"]
+__all__ = ["rnnt_loss", "fused_rnnt_loss"]
 
 
 class _Options(NamedTuple):
@@ -456,3 +456,13 @@ def _resharded(a: jax.Array, mesh, spec: P) -> jax.Array:
 
 def _mesh_size(mesh, axes: tuple[str, ...]) -> int:
     return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def __getattr__(name: str):
+    """``fused_rnnt_loss`` lives in ``rnnt_xla.jax_fused`` (it uses this module's helpers); loaded on first
+    use, so either module can be imported first."""
+    if name == "fused_rnnt_loss":
+        from .jax_fused import fused_rnnt_loss
+
+        return fused_rnnt_loss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

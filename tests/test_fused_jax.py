@@ -14,8 +14,7 @@ import pytest
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
-from rnnt_xla.jax import rnnt_loss  # noqa: E402
-from rnnt_xla.jax_fused import fused_rnnt_loss  # noqa: E402
+from rnnt_xla.jax import fused_rnnt_loss, rnnt_loss  # noqa: E402
 
 E, P, H = 6, 5, 8
 
