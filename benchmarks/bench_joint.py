@@ -25,10 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
 sys.path[:0] = [str(REPO_ROOT), str(HERE)]
 
-from memory import _current_rss_bytes, _maxrss_bytes, _quiesce  # noqa: E402
+from memory import _current_rss_bytes, _maxrss_bytes, _quiesce, run_in_fresh_process  # noqa: E402
 
 SHAPES = ["8,200,50,256,256", "16,300,80,512,1024", "32,400,100,512,4096"]
 IMPLS = ["torch_fused", "torch_unfused", "torchaudio", "plain_torch", "jax_fused", "jax_unfused", "plain_jax"]
@@ -157,16 +155,7 @@ def child(name: str, shape, repeats: int) -> dict[str, object]:
 def measure(name: str, shape: str, repeats: int, timeout_s: float) -> dict[str, object]:
     """:func:`child` in a fresh process (through ``sh``: see ``benchmarks/memory.py`` on ``ru_maxrss``)."""
     cmd = [sys.executable, str(Path(__file__)), "--child", name, "--shapes", shape, "--repeats", str(repeats)]
-    script = " ".join(shlex.quote(c) for c in cmd) + "; exit $?"
-    try:
-        proc = subprocess.run(["sh", "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout_s:.0f} s"}
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        tail = proc.stderr.strip().splitlines()
-        return {"error": tail[-1] if tail else f"exit code {proc.returncode}"}
-    return json.loads(lines[-1])
+    return run_in_fresh_process(cmd, timeout_s)
 
 
 def available_bytes() -> int:

@@ -82,9 +82,9 @@ def child(name: str, shape: tuple[int, int, int, int], threads: int) -> dict[str
             "rss_before_bytes": rss_before, "high_water_reset": reset, "logits_bytes": inputs.logits_bytes}
 
 
-def measure(name: str, shape: tuple[int, int, int, int], threads: int, timeout_s: float = 900) -> dict[str, object]:
-    """Run :func:`child` in a fresh process (see the module docstring for why through ``sh``)."""
-    cmd = [sys.executable, str(HERE / "memory.py"), name, ",".join(map(str, shape)), "--threads", str(threads)]
+def run_in_fresh_process(cmd: list[str], timeout_s: float) -> dict[str, object]:
+    """Run ``cmd`` (a child printing one JSON line last) in a fresh process through ``sh`` (see the module
+    docstring); its JSON, or ``{"error": ...}``."""
     script = " ".join(shlex.quote(c) for c in cmd) + "; exit $?"  # '; exit' keeps sh from exec'ing python
     try:
         proc = subprocess.run(["sh", "-c", script], cwd=REPO_ROOT, capture_output=True, text=True,
@@ -96,6 +96,12 @@ def measure(name: str, shape: tuple[int, int, int, int], threads: int, timeout_s
         tail = proc.stderr.strip().splitlines()
         return {"error": tail[-1] if tail else f"exit code {proc.returncode}"}
     return json.loads(lines[-1])
+
+
+def measure(name: str, shape: tuple[int, int, int, int], threads: int, timeout_s: float = 900) -> dict[str, object]:
+    """Run :func:`child` in a fresh process."""
+    cmd = [sys.executable, str(HERE / "memory.py"), name, ",".join(map(str, shape)), "--threads", str(threads)]
+    return run_in_fresh_process(cmd, timeout_s)
 
 
 def main() -> None:
