@@ -15,13 +15,13 @@ PyTorch and in JAX/Flax.
 """
 
 from rnnt_xla.demo.data import BLANK, Batch, Corpus, SyntheticTask
-from rnnt_xla.demo.decoding import (alignment_posterior, edit_distance, greedy_alignment, greedy_decode,
+from rnnt_xla.demo.decoding import (alignment_posterior, edit_distance, greedy_alignments, greedy_decode,
                                     label_error_rate, sequence_error_rate)
 from rnnt_xla.demo.main import main
 from rnnt_xla.demo.models import (ModelConfig, align_jax, align_torch, decode_jax, decode_torch, encoded_lengths,
                                   flax_transducer, torch_transducer, train_jax, train_torch)
 
-__all__ = ["BLANK", "Batch", "Corpus", "SyntheticTask", "alignment_posterior", "edit_distance", "greedy_alignment",
+__all__ = ["BLANK", "Batch", "Corpus", "SyntheticTask", "alignment_posterior", "edit_distance", "greedy_alignments",
            "greedy_decode", "label_error_rate", "sequence_error_rate", "main", "ModelConfig", "align_jax",
            "align_torch", "decode_jax", "decode_torch", "encoded_lengths", "flax_transducer", "torch_transducer",
            "train_jax", "train_torch"]

@@ -131,3 +131,4 @@ class Corpus:
             padded[i, :len(y)] = y
         return Corpus(frames, np.array([len(f) for f in features], np.int32), padded,
                       np.array([len(y) for y in labels], np.int32), vocab_size, list(speakers or []))
+

@@ -10,51 +10,65 @@ import numpy as np
 from rnnt_xla.demo.data import BLANK
 from rnnt_xla.reference import backward_variables, forward_variables, log_softmax
 
-# The decoder only needs two functions from a model, so one implementation serves both frameworks (it
-# passes the model's own arrays through untouched and reads only the joiner's numpy output):
-#   predict(label, state) -> (pred (H,), state): one prediction-network step; state=None starts a sequence.
-#   join(encoded (T, H), pred (H,)) -> logits (T, V) as numpy: the joiner for every frame at once.
-PredictFn = Callable[[int, Any], tuple[Any, Any]]
-JoinFn = Callable[[Any, Any], np.ndarray]
+# The decoder only needs two functions from a model, so one implementation serves both frameworks; they
+# take and return numpy arrays (the model converts), for a batch of B utterances at once:
+#   predict(labels (B,) int, state (B, S) or None) -> (pred (B, H), state (B, S)): one prediction-network
+#       step; state=None starts the sequences.
+#   join(encoded (B, T, H), pred (B, H)) -> logits (B, T, V): the joiner for every frame at once.
+PredictFn = Callable[[np.ndarray, "np.ndarray | None"], tuple[np.ndarray, np.ndarray]]
+JoinFn = Callable[[Any, np.ndarray], np.ndarray]
 
 
-def greedy_alignment(encoded: Any, length: int, predict: PredictFn, join: JoinFn,
-                     max_symbols_per_frame: int = 3) -> list[tuple[int, int]]:
-    """Greedy transducer decoding of one utterance; returns ``(label, frame)`` per emitted label.
+def greedy_alignments(encoded: Any, lengths: np.ndarray, predict: PredictFn, join: JoinFn,
+                      max_symbols_per_frame: int = 3) -> list[list[tuple[int, int]]]:
+    """Greedy transducer decoding of a batch; returns ``(label, frame)`` per emitted label per utterance.
 
     At each frame, emit the best non-blank label and feed it to the prediction network, until the joiner
     prefers the blank (then move to the next frame) or ``max_symbols_per_frame`` labels were emitted there
     (a guard against an untrained model emitting forever). The joiner's output only changes when a label
-    is emitted, so it is evaluated for all frames at once and the decoder jumps to the next frame that
-    emits: two model calls per emitted label rather than one per frame.
+    is emitted, so it is evaluated for all frames at once and each utterance jumps to its next emitting
+    frame; all utterances advance together: two model calls per emitted label position, not one per frame
+    and utterance.
 
     Args:
-        encoded: ``(T, H)`` encoder output (an array of the model's framework); only the first ``length``
-            frames are read.
+        encoded: ``(B, T, H)`` encoder output (numpy or the model's framework); only the first
+            ``lengths[b]`` frames of utterance ``b`` are read.
+        lengths: ``(B,)`` int valid frames.
     """
-    emitted: list[tuple[int, int]] = []
-    pred, state = predict(BLANK, None)  # the blank doubles as the start-of-sequence token
-    t, at_t = 0, 0  # the current frame and the labels emitted there so far
-    while t < length:
-        best = np.argmax(join(encoded, pred)[t:length], axis=-1)
-        emitting = np.flatnonzero(best != BLANK)
-        if len(emitting) == 0:
-            break
-        if emitting[0] > 0:
-            t, at_t = t + int(emitting[0]), 0
-        label = int(best[emitting[0]])
-        emitted.append((label, t))
-        pred, state = predict(label, state)
-        at_t += 1
-        if at_t == max_symbols_per_frame:
-            t, at_t = t + 1, 0
-    return emitted
+    lengths = np.asarray(lengths)
+    B = len(lengths)
+    emitted: list[list[tuple[int, int]]] = [[] for _ in range(B)]
+    pred, state = predict(np.full(B, BLANK), None)  # the blank doubles as the start-of-sequence token
+    t = np.zeros(B, np.int64)  # each utterance's current frame
+    at_t = np.zeros(B, np.int64)  # labels it emitted there so far
+    active = lengths > 0
+    rows = np.arange(B)
+    while True:
+        best = np.argmax(join(encoded, pred), axis=-1)  # (B, T)
+        frames = np.arange(best.shape[1])[None, :]
+        emitting = (best != BLANK) & (frames >= t[:, None]) & (frames < lengths[:, None])
+        active &= emitting.any(axis=1)
+        if not active.any():
+            return emitted
+        first = np.argmax(emitting, axis=1)  # the first emitting frame from t on
+        at_t = np.where(active & (first > t), 0, at_t)
+        t = np.where(active, first, t)
+        labels = np.where(active, best[rows, t], BLANK)
+        for b in np.flatnonzero(active):
+            emitted[b].append((int(labels[b]), int(t[b])))
+        new_pred, new_state = predict(labels, state)
+        pred = np.where(active[:, None], new_pred, pred)
+        state = np.where(active[:, None], new_state, state)
+        at_t += active
+        full = active & (at_t == max_symbols_per_frame)
+        t, at_t = t + full, np.where(full, 0, at_t)
 
 
-def greedy_decode(encoded: Any, length: int, predict: PredictFn, join: JoinFn,
-                  max_symbols_per_frame: int = 3) -> list[int]:
-    """The labels of :func:`greedy_alignment`."""
-    return [label for label, _ in greedy_alignment(encoded, length, predict, join, max_symbols_per_frame)]
+def greedy_decode(encoded: Any, lengths: np.ndarray, predict: PredictFn, join: JoinFn,
+                  max_symbols_per_frame: int = 3) -> list[list[int]]:
+    """The labels of :func:`greedy_alignments`."""
+    return [[label for label, _ in emitted]
+            for emitted in greedy_alignments(encoded, lengths, predict, join, max_symbols_per_frame)]
 
 
 def edit_distance(reference: list[int], hypothesis: list[int]) -> int:

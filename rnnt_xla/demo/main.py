@@ -19,9 +19,9 @@ from rnnt_xla.demo.models import ModelConfig, Task
 
 SYNTHETIC_MODEL = ModelConfig()
 SYNTHETIC_STEPS = 400  # ~1% label error rate on held-out data in both frameworks
-SPEECH_MODEL = ModelConfig(hidden=128, strides=(2, 2), bidirectional=True, batch_size=32, lr=3e-3, warmup=30,
+SPEECH_MODEL = ModelConfig(hidden=128, strides=(2, 2), bidirectional=True, batch_size=32, lr=5e-3, warmup=100,
                            final_lr=0.05)
-SPEECH_STEPS = 500
+SPEECH_STEPS = 600
 DEFAULT_OUT = Path("rnnt_xla_demo")
 
 
@@ -191,6 +191,7 @@ def main(steps: int | None = None, framework: str = "both", data: str = "speech"
     """Train and decode with the requested framework(s); 0 if every run trained (finite, falling loss),
     1 if one did not, 2 for a usage error or a missing extra."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     if framework not in ("torch", "jax", "both"):
@@ -213,7 +214,7 @@ def main(steps: int | None = None, framework: str = "both", data: str = "speech"
                 importlib.import_module(module)
             frameworks.append(name)
         except ImportError as error:
-            console.print(f"[yellow]{name} part skipped[/]: {error} (pip install -e '.[{extras}]')")
+            console.print(f"[yellow]{name} part skipped[/]: {escape(f'{error} (pip install -e .[{extras}])')}")
     if not frameworks:
         return 2
 
@@ -224,7 +225,7 @@ def main(steps: int | None = None, framework: str = "both", data: str = "speech"
             experiment = speech_experiment(steps, speech_config or speech.SpeechConfig(), cache_dir and Path(cache_dir),
                                            console)
         except speech.MissingExtra as error:
-            console.print(f"[red]{error}[/]")
+            console.print(f"[red]{escape(str(error))}[/]")
             return 2
     else:
         experiment = synthetic_experiment(steps)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from rnnt_xla.demo.data import BLANK, Batch
-from rnnt_xla.demo.decoding import greedy_alignment
+from rnnt_xla.demo.decoding import greedy_alignments
 
 if TYPE_CHECKING:
     import torch
@@ -105,6 +105,26 @@ def torch_transducer(vocab_size: int, feature_dim: int, config: ModelConfig = Mo
             self.embed = nn.Embedding(vocab_size, hidden)
             self.predictor = nn.GRU(hidden, hidden, batch_first=True)
             self.output = nn.Linear(hidden, vocab_size)
+            self._init_like_flax()
+
+        @torch.no_grad()
+        def _init_like_flax(self) -> None:
+            """Flax's default initialisation, so that both frameworks start alike: LeCun-normal input
+            weights, orthogonal recurrent weights (per gate), zero biases, embeddings of deviation
+            1/sqrt(H). (torch's defaults, with unit-deviation embeddings, leave training stuck on
+            blanks several times longer.)"""
+            for name, weight in self.named_parameters():
+                if "bias" in name:
+                    weight.zero_()
+                elif name.startswith("embed"):
+                    nn.init.normal_(weight, std=weight.shape[1] ** -0.5)
+                elif "weight_hh" in name:
+                    for gate in weight.chunk(3, dim=0):
+                        nn.init.orthogonal_(gate)
+                else:  # (out, in, ...) layouts: the fan-in is everything but the first axis
+                    fan_in = weight[0].numel()
+                    nn.init.trunc_normal_(weight, std=fan_in ** -0.5 / 0.8796, a=-2 * fan_in ** -0.5 / 0.8796,
+                                          b=2 * fan_in ** -0.5 / 0.8796)
 
         def encode(self, frames: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             """``(B, T, F)`` frames, ``(B,)`` lengths -> ``(B, T', H)`` and ``(B,)`` int32 lengths ``T'_b``.
@@ -171,27 +191,21 @@ def train_torch(task: Task, steps: int, config: ModelConfig = ModelConfig(), *, 
     return model, losses
 
 
-def _torch_functions(model: torch.nn.Module):
-    import torch
-
-    def predict(label: int, state):
-        out, state = model.predict(torch.tensor([[label]]), state)
-        return out[0, 0], state
-
-    def join(encoded, predicted):
-        return model.join(encoded, predicted).numpy()
-
-    return predict, join
-
-
 def align_torch(model: torch.nn.Module, batch: Batch) -> list[list[tuple[int, int]]]:
     """Greedy decoding of every utterance in ``batch``: ``(label, encoder frame)`` per emitted label."""
     import torch
 
-    predict, join = _torch_functions(model)
+    def predict(labels: np.ndarray, state: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        out, state = model.predict(torch.from_numpy(labels[:, None]),
+                                   None if state is None else torch.from_numpy(state[None]))
+        return out[:, 0].numpy(), state[0].numpy()
+
+    def join(encoded: torch.Tensor, predicted: np.ndarray) -> np.ndarray:
+        return model.join(encoded, torch.from_numpy(predicted)[:, None]).numpy()
+
     with torch.no_grad(), _one_torch_thread():
         encoded, lengths = model.encode(torch.from_numpy(batch.frames), torch.from_numpy(batch.frame_lengths))
-        return [greedy_alignment(encoded[b], int(n), predict, join) for b, n in enumerate(lengths)]
+        return greedy_alignments(encoded, lengths.numpy(), predict, join)
 
 
 def decode_torch(model: torch.nn.Module, batch: Batch) -> list[list[int]]:
@@ -309,22 +323,22 @@ def align_jax(model: linen.Module, params: Any, batch: Batch, config: ModelConfi
     import jax
     import jax.numpy as jnp
 
-    # Jitted once each; the decoder then calls them per frame / label with fixed shapes.
-    step = jax.jit(lambda p, label, state: model.apply(p, label, state, method="predict_step"))
-    joiner = jax.jit(lambda p, enc, pred: model.apply(p, enc, pred, method="join"))
+    # Jitted once each: the decoder calls them with the same shapes every time.
+    step = jax.jit(lambda p, labels, state: model.apply(p, labels, state, method="predict_step"))
+    joiner = jax.jit(lambda p, enc, pred: model.apply(p, enc, pred[:, None], method="join"))
 
     lengths = encoded_lengths(batch.frame_lengths, config.strides)
-    encoded = np.asarray(model.apply(params, batch.frames, lengths, method="encode"))
+    encoded = model.apply(params, batch.frames, lengths, method="encode")
 
-    def predict(label: int, state):
-        state = jnp.zeros((1, config.hidden)) if state is None else state
-        out, state = step(params, jnp.array([label]), state)
-        return out[0], state
+    def predict(labels: np.ndarray, state: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        state = jnp.zeros((len(labels), config.hidden)) if state is None else state
+        out, state = step(params, labels, state)
+        return np.asarray(out), np.asarray(state)
 
-    def join(encoded, predicted):
+    def join(encoded: jax.Array, predicted: np.ndarray) -> np.ndarray:
         return np.asarray(joiner(params, encoded, predicted))
 
-    return [greedy_alignment(encoded[b], int(n), predict, join) for b, n in enumerate(lengths)]
+    return greedy_alignments(encoded, lengths, predict, join)
 
 
 def decode_jax(model: linen.Module, params: Any, batch: Batch, config: ModelConfig = ModelConfig()

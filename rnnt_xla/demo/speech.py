@@ -32,7 +32,7 @@ ACCENTS = ("en-us", "en", "en-gb-x-rp", "en-gb-scotland", "en-029")
 # Variants the model never hears in training; the test set is spoken by them only. Ordinary voices of
 # both kinds (eSpeak's "f*" and "m*" variants and named ones), so the error rate is that of new speakers.
 HELD_OUT_VOICES = ("Annie", "Mike", "f2", "m3", "linda", "robert", "steph", "boris", "Andrea", "ian")
-FEATURE_VERSION = 2  # bump when the synthesis or the features change, to invalidate caches
+FEATURE_VERSION = 3  # bump when the synthesis or the features change, to invalidate caches
 
 MISSING_EXTRA = ("the speech demo synthesises its audio with eSpeak NG, from the optional package "
                  "espeakng-loader: pip install -e '.[demo]' (eSpeak NG is GPL-3.0; rnnt_xla loads it at run "
@@ -130,13 +130,13 @@ def espeak() -> ESpeak:
 class SpeechConfig:
     """What to synthesise and how to turn it into features; the cache key."""
 
-    train_utterances: int = 1600
-    test_utterances: int = 200
+    train_utterances: int = 3200
+    test_utterances: int = 300
     min_digits: int = 2
     max_digits: int = 7
     # Repeated digits ("eight eight") are what the model learns last; training strings repeat the previous
     # digit with this probability (else a uniform digit); test strings are uniform.
-    train_repeats: float = 0.25
+    train_repeats: float = 0.0
     rate: tuple[int, int] = (130, 220)  # words per minute, inclusive
     pitch: tuple[int, int] = (25, 75)
     pitch_range: tuple[int, int] = (20, 80)
@@ -171,22 +171,22 @@ class Utterance:
 
 
 def draw_utterances(config: SpeechConfig, variants: list[str]) -> tuple[list[Utterance], list[Utterance]]:
-    """The training and test scripts: random digit strings, voices and speaking styles."""
-    rng = np.random.default_rng(config.seed)
+    """The training and test scripts: random digit strings, voices and speaking styles. The two draw from
+    separate generators, so the test set does not change with the training set's size or settings."""
     missing = set(HELD_OUT_VOICES) - set(variants)
     if missing:
         raise RuntimeError(f"eSpeak NG lacks the held-out voice variants {sorted(missing)}")
     train_variants = [v for v in variants if v not in HELD_OUT_VOICES]
 
-    def digits(repeats: float) -> list[int]:
+    def digits(rng: np.random.Generator, repeats: float) -> list[int]:
         drawn = [int(rng.integers(10))]
         for _ in range(int(rng.integers(config.min_digits, config.max_digits + 1)) - 1):
             drawn.append(drawn[-1] if rng.random() < repeats else int(rng.integers(10)))
         return drawn
 
-    def draw(n: int, pool: list[str], repeats: float = 0.0) -> list[Utterance]:
+    def draw(rng: np.random.Generator, n: int, pool: list[str], repeats: float = 0.0) -> list[Utterance]:
         return [Utterance(
-            digits=digits(repeats),
+            digits=digits(rng, repeats),
             voice=f"{ACCENTS[rng.integers(len(ACCENTS))]}+{pool[rng.integers(len(pool))]}",
             rate=int(rng.integers(config.rate[0], config.rate[1] + 1)),
             pitch=int(rng.integers(config.pitch[0], config.pitch[1] + 1)),
@@ -195,13 +195,15 @@ def draw_utterances(config: SpeechConfig, variants: list[str]) -> tuple[list[Utt
             lead=float(rng.uniform(0, config.pause)), trail=float(rng.uniform(0, config.pause)),
             snr_db=float(rng.uniform(*config.snr_db))) for _ in range(n)]
 
-    return (draw(config.train_utterances, train_variants, config.train_repeats),
-            draw(config.test_utterances, list(HELD_OUT_VOICES)))
+    return (draw(np.random.default_rng([config.seed, 0]), config.train_utterances, train_variants,
+                 config.train_repeats),
+            draw(np.random.default_rng([config.seed, 1]), config.test_utterances, list(HELD_OUT_VOICES)))
 
 
-def render(utterance: Utterance, engine: ESpeak, seed: int) -> np.ndarray:
+def render(utterance: Utterance, engine: ESpeak, seed: int | list[int]) -> np.ndarray:
     """Synthesise one utterance with its pauses and background noise (drawn from ``seed``): ``(samples,)``
-    float32 in [-1, 1]. eSpeak NG is deterministic, so the same arguments give the same audio."""
+    float32 in [-1, 1]. The length is a function of the arguments; the samples nearly so (eSpeak NG keeps
+    some state from one synthesis to the next, which changes parts of the waveform by a few percent)."""
     rng = np.random.default_rng(seed)
     speech = engine.synthesize(utterance.text, utterance.voice, utterance.rate, utterance.pitch,
                                utterance.pitch_range, utterance.word_gap).astype(np.float32) / 32768.0
@@ -231,10 +233,13 @@ def log_mel(audio: list[np.ndarray], sample_rate: int, config: SpeechConfig, bat
     order = np.argsort([len(a) for a in audio])  # similar lengths together: little padding per batch
     for start in range(0, len(audio), batch_size):
         chunk = order[start:start + batch_size]
-        padded = torch.zeros(len(chunk), max(len(audio[i]) for i in chunk))
-        for row, i in enumerate(chunk):
-            padded[row, :len(audio[i])] = torch.from_numpy(audio[i])
-        spectrum = torch.stft(padded, config.n_fft, config.hop, window=window, return_complex=True)
+        # Each signal is centred (reflected at its own ends) before the batch is padded, so that its frames
+        # do not depend on which other signals share its batch.
+        centred = [np.pad(audio[i], config.n_fft // 2, mode="reflect") for i in chunk]
+        padded = torch.zeros(len(chunk), max(len(c) for c in centred))
+        for row, c in enumerate(centred):
+            padded[row, :len(c)] = torch.from_numpy(c)
+        spectrum = torch.stft(padded, config.n_fft, config.hop, window=window, center=False, return_complex=True)
         energies = torch.log(mel @ spectrum.abs().square() + 1e-6).transpose(1, 2)  # (B, frames, n_mels)
         for row, i in enumerate(chunk):
             features[i] = energies[row, :1 + len(audio[i]) // config.hop].numpy()
@@ -284,9 +289,9 @@ def load_or_build(config: SpeechConfig, cache_dir: Path | None = None,
     return _to_data(arrays, meta, config, cached)
 
 
-def noise_seed(config: SpeechConfig, index: int) -> int:
-    """The seed of utterance ``index``'s background noise (training utterances first, then the test set)."""
-    return config.seed * 1_000_003 + index
+def noise_seed(config: SpeechConfig, test: bool, index: int) -> list[int]:
+    """The seed of the background noise of utterance ``index`` of the training or the test set."""
+    return [config.seed, int(test), index]
 
 
 def _build(config: SpeechConfig, on_utterance: Callable[[int, int], None] | None
@@ -295,7 +300,8 @@ def _build(config: SpeechConfig, on_utterance: Callable[[int, int], None] | None
     train, test = draw_utterances(config, engine.variants())
     audio = []
     for i, utterance in enumerate(train + test):
-        audio.append(render(utterance, engine, noise_seed(config, i)))
+        is_test = i >= len(train)
+        audio.append(render(utterance, engine, noise_seed(config, is_test, i - len(train) * is_test)))
         if on_utterance is not None:
             on_utterance(i + 1, len(train) + len(test))
     features = log_mel(audio, engine.sample_rate, config)
