@@ -11,13 +11,13 @@ PyTorch and in JAX/Flax.
   predictor, joiner) in PyTorch and in Flax, trained on the same batches with the rnnt_xla loss;
 - :mod:`~rnnt_xla.demo.decoding`: greedy decoding, error rates and the alignment posterior (numpy);
 - :mod:`~rnnt_xla.demo.plots`: loss curves and the alignment picture (matplotlib);
-- :mod:`~rnnt_xla.demo.main`: the command (progress bars, summary table, ``results.json``, figures).
+- :mod:`~rnnt_xla.demo.cli`: the command (progress bars, summary table, ``results.json``, figures).
 """
 
 from rnnt_xla.demo.data import BLANK, Batch, Corpus, SyntheticTask
 from rnnt_xla.demo.decoding import (alignment_posterior, edit_distance, greedy_alignments, greedy_decode,
                                     label_error_rate, sequence_error_rate)
-from rnnt_xla.demo.main import main
+from rnnt_xla.demo.cli import main
 from rnnt_xla.demo.models import (ModelConfig, align_jax, align_torch, decode_jax, decode_torch, encoded_lengths,
                                   flax_transducer, torch_transducer, train_jax, train_torch)
 

@@ -54,7 +54,7 @@ def plot_alignment(features: np.ndarray, occupancy: np.ndarray, reference: list[
         frame_seconds: seconds per feature frame; ``subsampling`` feature frames make one encoder frame.
     """
     plt = _pyplot()
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, layout="constrained",
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True, layout="constrained",
                                       gridspec_kw={"height_ratios": [1, 1.2]})
     seconds = len(features) * frame_seconds
     top.imshow(features.T, origin="lower", aspect="auto", cmap="magma", extent=(0, seconds, 0, features.shape[1]))
@@ -75,6 +75,7 @@ def plot_alignment(features: np.ndarray, occupancy: np.ndarray, reference: list[
     bottom.set_xlabel("time (s)")
     bottom.set_title("RNNT alignment posterior: P(lattice node (t, u) | audio, reference) = exp(alpha + beta - log P)")
     fig.colorbar(image, ax=bottom, label="posterior occupancy", pad=0.01)
+    bottom.set_xlim(0, max(seconds, T_enc * step))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

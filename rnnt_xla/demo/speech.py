@@ -32,7 +32,7 @@ ACCENTS = ("en-us", "en", "en-gb-x-rp", "en-gb-scotland", "en-029")
 # Variants the model never hears in training; the test set is spoken by them only. Ordinary voices of
 # both kinds (eSpeak's "f*" and "m*" variants and named ones), so the error rate is that of new speakers.
 HELD_OUT_VOICES = ("Annie", "Mike", "f2", "m3", "linda", "robert", "steph", "boris", "Andrea", "ian")
-FEATURE_VERSION = 3  # bump when the synthesis or the features change, to invalidate caches
+FEATURE_VERSION = 4  # bump when the synthesis or the features change, to invalidate caches
 
 MISSING_EXTRA = ("the speech demo synthesises its audio with eSpeak NG, from the optional package "
                  "espeakng-loader: pip install -e '.[demo]' (eSpeak NG is GPL-3.0; rnnt_xla loads it at run "
@@ -212,7 +212,7 @@ def render(utterance: Utterance, engine: ESpeak, seed: int | list[int]) -> np.nd
                             np.zeros(int(utterance.trail * sr), np.float32)])
     voiced = speech[np.abs(speech) > 1e-3]  # the noise level is set against the speech, not its pauses
     power = float(np.mean(voiced ** 2)) if len(voiced) else 1e-4
-    noise = rng.standard_normal(len(audio)).astype(np.float32) * np.sqrt(power / 10 ** (utterance.snr_db / 10))
+    noise = rng.standard_normal(len(audio), dtype=np.float32) * np.sqrt(power / 10 ** (utterance.snr_db / 10))
     return audio + noise
 
 

@@ -21,7 +21,7 @@ SYNTHETIC_MODEL = ModelConfig()
 SYNTHETIC_STEPS = 400  # ~1% label error rate on held-out data in both frameworks
 SPEECH_MODEL = ModelConfig(hidden=128, strides=(2, 2), bidirectional=True, batch_size=32, lr=5e-3, warmup=100,
                            final_lr=0.05)
-SPEECH_STEPS = 600
+SPEECH_STEPS = 1000
 DEFAULT_OUT = Path("rnnt_xla_demo")
 
 
@@ -51,7 +51,8 @@ class Run:
     decode_seconds: float
     hypotheses: list[list[int]]
     alignments: list[list[tuple[int, int]]]
-    logits: Any  # (T', U+1, V) float32 of the pictured utterance, for its alignment posterior
+    pictured: int  # the test utterance drawn in the alignment figure
+    logits: Any  # (T', U+1, V) float32 of that utterance, for its alignment posterior
 
     def trained(self) -> bool:
         return all(math.isfinite(x) for x in self.losses) and self.losses[-1] < self.losses[0]
@@ -93,11 +94,15 @@ def speech_experiment(steps: int | None, config, cache_dir: Path | None, console
                       description)
 
 
-def _pictured(experiment: Experiment) -> int:
-    """The test utterance to draw: the first with at least 4 labels (or the longest)."""
-    lengths = experiment.test.label_lengths
-    long_enough = np.flatnonzero(lengths >= 4)
-    return int(long_enough[0]) if len(long_enough) else int(np.argmax(lengths))
+def _pictured(experiment: Experiment, hypotheses: list[list[int]]) -> int:
+    """The test utterance to draw: the first of at least 4 labels that was decoded right (else the first of
+    at least 4, else the longest)."""
+    references = experiment.test.references()
+    for wanted in (lambda r, h: len(r) >= 4 and r == h, lambda r, h: len(r) >= 4):
+        for k, (r, h) in enumerate(zip(references, hypotheses)):
+            if wanted(r, h):
+                return k
+    return int(np.argmax(experiment.test.label_lengths))
 
 
 def _train(name: str, experiment: Experiment, progress, console) -> Run:
@@ -110,24 +115,26 @@ def _train(name: str, experiment: Experiment, progress, console) -> Run:
         if not console.is_terminal and (step % every == 0 or step == steps - 1):
             console.print(f"{name:>5} step {step + 1:4d}/{steps}  loss {loss:8.3f}")  # progress in logs
 
-    k = _pictured(experiment)
-    one = Batch(*(x[k:k + 1] for x in (experiment.test.frames, experiment.test.frame_lengths,
-                                         experiment.test.labels, experiment.test.label_lengths)))
     start = time.perf_counter()
     if name == "torch":
         model, losses = models.train_torch(experiment.train, steps, experiment.model, on_step=on_step)
         train_seconds = time.perf_counter() - start
         alignments = models.align_torch(model, experiment.test)
-        logits, lengths = models.logits_torch(model, one)
     else:
         model, params, losses = models.train_jax(experiment.train, steps, experiment.model, on_step=on_step)
         train_seconds = time.perf_counter() - start
         alignments = models.align_jax(model, params, experiment.test, experiment.model)
-        logits, lengths = models.logits_jax(model, params, one, experiment.model)
     decode_seconds = time.perf_counter() - start - train_seconds
     progress.remove_task(bar)
     hypotheses = [[label for label, _ in a] for a in alignments]
-    return Run(name, losses, train_seconds, decode_seconds, hypotheses, alignments,
+    k = _pictured(experiment, hypotheses)
+    one = Batch(*(x[k:k + 1] for x in (experiment.test.frames, experiment.test.frame_lengths,
+                                         experiment.test.labels, experiment.test.label_lengths)))
+    if name == "torch":
+        logits, lengths = models.logits_torch(model, one)
+    else:
+        logits, lengths = models.logits_jax(model, params, one, experiment.model)
+    return Run(name, losses, train_seconds, decode_seconds, hypotheses, alignments, k,
                logits[0, :lengths[0], :one.label_lengths[0] + 1])
 
 
@@ -138,13 +145,14 @@ def _figures(experiment: Experiment, runs: list[Run], out: Path) -> dict[str, st
                                               f"rnnt_xla transducer loss, {experiment.name} data"))}
     if experiment.frame_seconds is not None:
         run = runs[0]
-        k = _pictured(experiment)
+        k = run.pictured
         reference = experiment.test.references()[k]
         occupancy = alignment_posterior(run.logits, np.array(reference))
         features = experiment.test.frames[k, :experiment.test.frame_lengths[k]]
         emitted = [(experiment.words[label - 1], t) for label, t in run.alignments[k]]
-        title = (f"held-out voice {experiment.test_speakers[k]}: \"{experiment.say(reference)}\" -> decoded "
-                 f"({run.framework}) \"{experiment.say(run.hypotheses[k])}\"")
+        title = (f"held-out voice {experiment.test_speakers[k]}: \"{experiment.say(reference)}\"\n"
+                 f"greedy decode ({run.framework}): \"{experiment.say(run.hypotheses[k])}\", each word at the frame "
+                 "that emitted it")
         subsampling = int(np.prod(experiment.model.strides))
         figures["alignment"] = str(plot_alignment(features, occupancy, [experiment.words[y - 1] for y in reference],
                                                   emitted, experiment.frame_seconds, subsampling,
