@@ -60,11 +60,12 @@ def plot_alignment(features: np.ndarray, occupancy: np.ndarray, reference: list[
     top.imshow(features.T, origin="lower", aspect="auto", cmap="magma", extent=(0, seconds, 0, features.shape[1]))
     top.set_ylabel("mel band")
     step = frame_seconds * subsampling
-    for word, t in emitted:
+    for i, (word, t) in enumerate(emitted):
         x = (t + 0.5) * step
         top.axvline(x, color="white", linewidth=1, linestyle="--", alpha=0.8)
-        top.text(x, features.shape[1] * 0.92, word, color="white", ha="center", va="top", fontsize=11,
-                 fontweight="bold", bbox={"facecolor": "black", "alpha": 0.5, "edgecolor": "none"})
+        # Alternate heights: words emitted on neighbouring frames stay legible.
+        top.text(x, features.shape[1] * (0.95 if i % 2 == 0 else 0.78), word, color="white", ha="center", va="top",
+                 fontsize=11, fontweight="bold", bbox={"facecolor": "black", "alpha": 0.5, "edgecolor": "none"})
     top.set_title(title or "log-mel spectrogram with the greedy decode (word at the frame that emitted it)")
 
     T_enc = occupancy.shape[0]
