@@ -4,12 +4,22 @@ The loss is a ``jax.custom_vjp`` whose forward and backward are ``jax.experiment
 XLA hands the callbacks its own input and output buffers, the Numba kernels read the logits and write the
 costs, residuals and gradient straight into them (no copies; a test compares the pointers). It works
 eagerly and under ``jit``, ``grad``/``value_and_grad``, ``vmap`` (leading vmapped axes are folded into the
-batch, so the kernels run once over the whole folded batch), ``lax.scan`` and ``checkpoint``.
+batch, so the kernels run once over the whole folded batch), ``lax.scan`` and ``checkpoint``. The
+callbacks are hashable value objects (not closures), and the loss is one jitted program: an eager call
+reuses the program compiled for its shape and options, and keeps no array alive.
 
 Like the torch adapter it keeps only ``O(B*T*U)`` residuals from the forward pass and computes the gradient
 in the backward pass, clamped and scaled by the incoming cotangent in one write. The float64 residuals
 travel between the two passes as uint32 pairs, so they keep full precision without ``jax_enable_x64``
-(and results are bit-identical to the torch adapter's).
+(and results are bit-identical to the torch adapter's). It is differentiable once, in reverse mode: a
+second derivative or forward mode over the gradient raises ``NotImplementedError`` naming rnnt_xla, forward
+mode over the loss raises JAX's ``TypeError`` for a ``custom_vjp``, and ``jax.export`` refuses host
+callbacks (JAX's ``NotImplementedError``).
+
+Multiple devices: when the batch axis of the logits is sharded over mesh axes (seen from an Explicit
+sharding, from a concrete array's ``NamedSharding`` eagerly, or given as ``batch_axis=``), the loss maps
+itself over those axes with ``shard_map``: each device runs the kernels on its own shard, nothing is
+gathered, and the gradient keeps the batch sharding.
 
 On a GPU the same callbacks receive device buffers (``__cuda_array_interface__``) and run the CUDA kernels
 (``rnnt_xla.kernels.cuda``) on them, on XLA's stream (``ctx.stream``). The lengths and labels and the ``B``
@@ -18,8 +28,8 @@ backward pass allocates its betas through Numba and waits for its kernels before
 
 Errors: shapes, dtypes and options are checked while tracing (``TypeError``/``ValueError``, as in torch).
 Lengths and labels are checked before the kernels run: eagerly with the same ``ValueError`` when the
-values are concrete, otherwise inside the callback, where JAX reports the ``ValueError`` message wrapped
-in a ``jax.errors.JaxRuntimeError``.
+values are concrete, otherwise inside the callback, where JAX reports the ``ValueError``'s message in a
+``jax.errors.JaxRuntimeError`` on every call (see ``_keep_off_the_fast_path``).
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from .kernels import cpu
 from .kernels import cuda as cuda_kernels
@@ -51,6 +61,7 @@ class _Options(NamedTuple):
     fastemit_lambda: float
     clamp: float
     mean_batch: int  # the B of "mean" reductions: the whole batch, also when this call sees one shard
+    check_values: bool  # check lengths and labels in the program (they were traced, not checked eagerly)
 
 
 def _spec(name: str, x: object) -> ArraySpec:
@@ -177,38 +188,45 @@ def _backward_gpu(options: _Options, stream: int, grads, logits_buf, targets_buf
                               _fold_gpu(grads, 3), stream)
 
 
-def _forward(options: _Options, logits, targets, logit_lengths, target_lengths):
-    B = options.shape.batch
+@dataclasses.dataclass(frozen=True)
+class _ForwardCallback:
+    """The forward ``buffer_callback``. A value object, not a closure: JAX caches compiled programs on the
+    callback, so equal options must give an equal (and hashable) callback, and it must not capture arrays
+    (a closure over the logits kept every eager call's program and logits alive)."""
 
-    def callback(ctx, out, logits_buf, targets_buf, logit_lengths_buf, target_lengths_buf):
+    options: _Options
+
+    def __call__(self, ctx, out, logits_buf, targets_buf, logit_lengths_buf, target_lengths_buf) -> None:
+        options = self.options
         if _on_gpu(logits_buf):
             return _forward_gpu(options, ctx.stream, out, logits_buf, targets_buf, logit_lengths_buf,
                                 target_lengths_buf)
+        B = options.shape.batch
         loss, residuals = out
         idx = _indices(targets_buf, logit_lengths_buf, target_lengths_buf)
         check_lengths_and_labels(*idx, options.shape)
-        costs = np.empty(idx[2].shape, dtype=cpu.compute_dtype(logits.dtype))
-        cpu.forward(cpu.as_kernel_array(_fold(logits_buf, 3)), *idx, options.shape.blank,
-                    options.fused_log_softmax, options.fastemit_lambda, costs, _host_residuals(residuals))
+        logits = cpu.as_kernel_array(_fold(logits_buf, 3))
+        costs = np.empty(idx[2].shape, dtype=cpu.compute_dtype(np.dtype(logits_buf.dtype)))
+        cpu.forward(logits, *idx, options.shape.blank, options.fused_log_softmax, options.fastemit_lambda,
+                    costs, _host_residuals(residuals))
         per_call = (-1, B) if options.reduction == "none" else (-1,)
         reduce_costs(costs.reshape(-1, B), idx[2].reshape(-1, B), options.reduction,
                      np.asarray(loss).reshape(per_call), options.mean_batch)
 
-    loss_shape = logits.shape[:-3] if options.reduction == "none" else logits.shape[:-4]
-    out_types = (jax.ShapeDtypeStruct(loss_shape, cpu.compute_dtype(logits.dtype)), _residual_types(logits))
-    run = buffer_callback(callback, out_types, vmap_method="broadcast_all")
-    inputs = (logits, targets, logit_lengths, target_lengths)
-    return _mark_varying(run(*inputs), inputs)
 
+@dataclasses.dataclass(frozen=True)
+class _BackwardCallback:
+    """The backward ``buffer_callback`` (a value object, see :class:`_ForwardCallback`)."""
 
-def _backward(options: _Options, logits, targets, logit_lengths, target_lengths, residuals, grad_loss):
-    B = options.shape.batch
+    options: _Options
 
-    def callback(ctx, grads, logits_buf, targets_buf, logit_lengths_buf, target_lengths_buf, residual_bufs,
-                 grad_loss_buf):
+    def __call__(self, ctx, grads, logits_buf, targets_buf, logit_lengths_buf, target_lengths_buf,
+                 residual_bufs, grad_loss_buf) -> None:
+        options = self.options
         if _on_gpu(logits_buf):
             return _backward_gpu(options, ctx.stream, grads, logits_buf, targets_buf, logit_lengths_buf,
                                  target_lengths_buf, residual_bufs, grad_loss_buf)
+        B = options.shape.batch
         idx = _indices(targets_buf, logit_lengths_buf, target_lengths_buf)
         per_call = (-1, B) if options.reduction == "none" else (-1,)
         grad_scale = gradient_scale(np.asarray(grad_loss_buf).reshape(per_call), idx[2].reshape(-1, B),
@@ -219,7 +237,53 @@ def _backward(options: _Options, logits, targets, logit_lengths, target_lengths,
                      options.fused_log_softmax, options.fastemit_lambda, options.clamp, grad_scale,
                      _host_residuals(residual_bufs), grads_host)
 
-    run = buffer_callback(callback, jax.ShapeDtypeStruct(logits.shape, logits.dtype), vmap_method="broadcast_all")
+
+def _keep_off_the_fast_path() -> None:
+    """A no-op ``jax.debug.callback``. Its (unordered) effect keeps the enclosing jitted program off jaxlib's
+    C++ dispatch path, which is used once a jitted function has run before and reports every run-time
+    error as a plain ``ValueError``; JAX's Python path reports them as ``jax.errors.JaxRuntimeError``. So
+    traced bad lengths or labels raise ``JaxRuntimeError`` on the first call and on every later one. The
+    price is JAX's slower Python dispatch: 0.1-0.3 ms more per call of the jitted program on the 2-core
+    test machine (0.07 -> 0.2-0.4 ms at a tiny shape, 2.2 -> 2.4 ms fwd+bwd at (4, 100, 30, 128))."""
+
+
+_SECOND_ORDER = ("rnnt_xla.jax.rnnt_loss can be differentiated once, in reverse mode (jax.grad, jax.vjp, "
+                 "jax.value_and_grad, jax.jacrev), w.r.t. the logits: its Numba kernels have no derivatives of "
+                 "their own, so grad-of-grad, jax.hessian and forward mode over its gradient (jax.jvp, "
+                 "jax.jacfwd) are not supported")
+
+
+def _differentiable_once(fun, message: str = _SECOND_ORDER):
+    """``fun(options, *arrays)`` (a kernel callback) as a ``custom_jvp`` whose JVP raises
+    ``NotImplementedError(message)``. Reverse mode never differentiates the callbacks themselves (the
+    ``custom_vjp`` replaces them); only a second derivative or forward mode over the gradient does, and
+    then this names rnnt_xla instead of JAX's "Buffer callbacks do not support JVP"."""
+    fun = jax.custom_jvp(fun, nondiff_argnums=(0,))
+
+    @fun.defjvp
+    def no_derivative(options, primals, tangents):
+        raise NotImplementedError(message)
+
+    return fun
+
+
+@_differentiable_once
+def _forward(options: _Options, logits, targets, logit_lengths, target_lengths):
+    """``(loss, residuals)``: the reduced loss (``(..., B)`` for ``"none"``) and ``cpu.Residuals``."""
+    loss_shape = logits.shape[:-3] if options.reduction == "none" else logits.shape[:-4]
+    out_types = (jax.ShapeDtypeStruct(loss_shape, cpu.compute_dtype(logits.dtype)), _residual_types(logits))
+    run = buffer_callback(_ForwardCallback(options), out_types, vmap_method="broadcast_all")
+    inputs = (logits, targets, logit_lengths, target_lengths)
+    if options.check_values:  # traced lengths and labels: the callback checks them and may raise
+        jax.debug.callback(_keep_off_the_fast_path)
+    return _mark_varying(run(*inputs), inputs)
+
+
+@_differentiable_once
+def _backward(options: _Options, logits, targets, logit_lengths, target_lengths, residuals, grad_loss):
+    """The gradient w.r.t. the logits, ``(..., B, T, U+1, V)`` in the logits' dtype."""
+    run = buffer_callback(_BackwardCallback(options), jax.ShapeDtypeStruct(logits.shape, logits.dtype),
+                          vmap_method="broadcast_all")
     inputs = (logits, targets, logit_lengths, target_lengths, residuals, grad_loss)
     return _mark_varying(run(*inputs), inputs)
 
@@ -248,6 +312,13 @@ def _is_concrete(*arrays) -> bool:
     return not any(isinstance(a, jax.core.Tracer) for a in arrays)
 
 
+class _BatchSplit(NamedTuple):
+    """Static: the batch axis of every input is split evenly over these mesh axes."""
+
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh
+    axes: tuple[str, ...]
+
+
 def rnnt_loss(
     logits: jax.Array,
     targets: jax.Array,
@@ -258,6 +329,8 @@ def rnnt_loss(
     reduction: str = "mean",
     fused_log_softmax: bool = True,
     fastemit_lambda: float = 0.0,
+    *,
+    batch_axis: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     """RNN-Transducer loss (Graves, 2012) with FastEmit; see ``rnnt_xla.torch.rnnt_loss`` for the semantics.
 
@@ -269,53 +342,116 @@ def rnnt_loss(
         logit_lengths: ``(B,)`` int32/int64, in ``[1, T]``.
         target_lengths: ``(B,)`` int32/int64, in ``[0, min(U, W)]``.
         blank, clamp, reduction, fused_log_softmax, fastemit_lambda: static Python values, as in torch.
+        batch_axis: mesh axis name (or tuple of names) over which the batch is sharded, for ``jit`` with
+            ``NamedSharding`` inputs on *Auto* mesh axes, where the sharding is not visible while tracing.
+            The mesh is that of the inputs, else the current one (``jax.set_mesh``). Each device then runs
+            the kernels on its own shard (``shard_map``), and no logits are gathered. Not needed with
+            Explicit axes or eagerly, where the batch sharding of the logits is seen and used by itself.
 
     Returns:
         ``(B,)`` costs for ``reduction="none"``, else a scalar: float64 for float64 logits, else float32.
-        Differentiable w.r.t. ``logits`` only.
+        Differentiable once, in reverse mode, w.r.t. ``logits`` only.
+
+    Raises:
+        TypeError, ValueError: invalid shapes, dtypes, options or ``batch_axis``; invalid lengths or labels
+            when their values are concrete.
+        jax.errors.JaxRuntimeError: invalid lengths or labels that are traced (under ``jit``): raised when
+            the program runs, with the ``ValueError``'s message.
     """
     names = ("logits", "targets", "logit_lengths", "target_lengths")
     arrays = (logits, targets, logit_lengths, target_lengths)
     shape = check_arguments(*(_spec(n, a) for n, a in zip(names, arrays)), blank=blank, clamp=clamp,
                             reduction=reduction, fused_log_softmax=fused_log_softmax,
                             fastemit_lambda=fastemit_lambda)
-    if _is_concrete(targets, logit_lengths, target_lengths):
+    concrete = _is_concrete(targets, logit_lengths, target_lengths)
+    if concrete:
         check_lengths_and_labels(*_indices(targets, logit_lengths, target_lengths), shape)
+    if shape.batch == 0:  # an empty shard: a zero (or empty) loss, whose gradient is zero
+        return jnp.zeros((0,) if reduction == "none" else (), cpu.compute_dtype(np.dtype(logits.dtype)))
     options = _Options(shape, reduction, bool(fused_log_softmax), float(fastemit_lambda), float(clamp),
-                       mean_batch=shape.batch)
+                       mean_batch=shape.batch, check_values=not concrete)
     # jnp.asarray on a traced JAX array inserts a copy of the logits in eager jax.grad: convert others only.
     arrays = tuple(a if isinstance(a, jax.Array) else jnp.asarray(a) for a in arrays)
-    batch_axes = _explicit_batch_axes(arrays[0])
-    if batch_axes is not None:
-        return _sharded_over_batch(options, batch_axes, *arrays)
+    return _loss(options, _batch_split(arrays[0], batch_axis), *arrays)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _loss(options: _Options, split: _BatchSplit | None, logits, targets, logit_lengths, target_lengths):
+    """The loss as one jitted program, so that an eager call runs one cached program for its shape and
+    options instead of dispatching each operation on its own; under an outer ``jit`` it is inlined."""
+    if split is not None:
+        return _sharded_over_batch(options, split, logits, targets, logit_lengths, target_lengths)
+    # Arrays explicitly sharded other than over the batch: the kernels need whole rows, so gather them.
+    arrays = [_replicated(a) for a in (logits, targets, logit_lengths, target_lengths)]
     return _rnnt_loss(options, *arrays)
 
 
-def _explicit_batch_axes(logits: jax.Array) -> tuple[str, ...] | None:
-    """Mesh axes of an explicit sharding that splits only the batch axis of the logits (evenly), if any."""
-    sharding = jax.typeof(logits).sharding
-    spec = getattr(sharding, "spec", None)
-    if not spec or spec[0] is None or any(s is not None for s in spec[1:]):
+def _replicated(a: jax.Array) -> jax.Array:
+    """``a`` gathered onto every device of its mesh if it is explicitly sharded, else ``a`` itself."""
+    sharding = jax.typeof(a).sharding
+    if getattr(sharding, "spec", None) and any(s is not None for s in sharding.spec):
+        return jax.reshard(a, NamedSharding(sharding.mesh, P()))
+    return a
+
+
+def _batch_split(logits: jax.Array, batch_axis: str | tuple[str, ...] | None) -> _BatchSplit | None:
+    """How the batch of the logits is split over a mesh: the given ``batch_axis``, else what the logits'
+    sharding says (their type's with Explicit axes; the concrete array's when eager)."""
+    typed = jax.typeof(logits).sharding
+    if batch_axis is not None:
+        axes = (batch_axis,) if isinstance(batch_axis, str) else tuple(batch_axis)
+        mesh = typed.mesh if not typed.mesh.empty else jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            raise ValueError(f"batch_axis={batch_axis!r} needs a mesh: shard the inputs with a NamedSharding "
+                             "or set one with jax.set_mesh")
+        if not axes or any(not isinstance(a, str) or a not in mesh.axis_names for a in axes):
+            raise ValueError(f"batch_axis must name axes of the mesh {tuple(mesh.axis_names)}, "
+                             f"got {batch_axis!r}")
+        if all(a in mesh.manual_axes for a in axes):
+            return None  # inside the user's shard_map over these axes: the logits are already one shard
+        if logits.shape[0] % _mesh_size(mesh, axes):
+            raise ValueError(f"batch_axis={batch_axis!r} splits the batch over {_mesh_size(mesh, axes)} "
+                             f"devices, which must divide the batch size {logits.shape[0]}")
+        return _BatchSplit(mesh, axes)
+    mesh, spec = typed.mesh, typed.spec
+    if (not spec or spec[0] is None) and _is_concrete(logits) and isinstance(logits.sharding, NamedSharding):
+        mesh, spec = logits.sharding.mesh, logits.sharding.spec  # eager, Auto axes
+    if not spec or spec[0] is None:
         return None
     axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
-    return axes if logits.shape[0] % _mesh_size(sharding.mesh, axes) == 0 else None
+    return _BatchSplit(mesh, axes) if logits.shape[0] % _mesh_size(mesh, axes) == 0 else None
 
 
-def _sharded_over_batch(options: _Options, axes: tuple[str, ...], logits, targets, logit_lengths, target_lengths):
+def _sharded_over_batch(options: _Options, split: _BatchSplit, logits, targets, logit_lengths, target_lengths):
     """Each device runs the kernels on its own shard of the batch (``shard_map``); the reduced loss is
-    summed across devices and the gradient keeps the sharding of the logits. No logits are gathered."""
-    mesh = jax.typeof(logits).sharding.mesh
+    summed across devices and the gradient keeps the batch sharding of the logits. No logits are gathered
+    (only the other axes of logits that are also sharded elsewhere than over the batch)."""
+    mesh, axes = split
     spec = P(axes)
     local = options._replace(shape=dataclasses.replace(options.shape, batch=logits.shape[0] // _mesh_size(mesh, axes)))
-    targets, logit_lengths, target_lengths = (jax.reshard(a, spec) for a in (targets, logit_lengths, target_lengths))
+    arrays = [_resharded(a, mesh, spec) for a in (logits, targets, logit_lengths, target_lengths)]
 
     def per_shard(*shard):
+        if options.reduction == "mean_volume":  # the volume is the whole batch's: sum, then divide by it
+            loss = jax.lax.psum(_rnnt_loss(local._replace(reduction="sum"), *shard), axes)
+            volume = jax.lax.psum(jnp.sum(shard[3]), axes)
+            return loss / jnp.maximum(volume, 1).astype(loss.dtype)
         loss = _rnnt_loss(local, *shard)
         return loss if options.reduction == "none" else jax.lax.psum(loss, axes)
 
     out_spec = spec if options.reduction == "none" else P()
-    return jax.shard_map(per_shard, mesh=mesh, in_specs=(spec,) * 4, out_specs=out_spec)(
-        logits, targets, logit_lengths, target_lengths)
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=(spec,) * 4, out_specs=out_spec)(*arrays)
+
+
+def _resharded(a: jax.Array, mesh, spec: P) -> jax.Array:
+    """``a`` resharded to ``spec`` if its sharding is explicit and different (``shard_map`` requires
+    explicitly sharded inputs to match its ``in_specs``); on Auto axes ``shard_map`` reshards by itself."""
+    sharding = jax.typeof(a).sharding
+    if AxisType.Explicit not in sharding.mesh.axis_types:
+        return a
+    current = tuple(sharding.spec) + (None,) * (a.ndim - len(sharding.spec))
+    wanted = tuple(spec) + (None,) * (a.ndim - len(spec))
+    return a if current == wanted else jax.reshard(a, NamedSharding(mesh, spec))
 
 
 def _mesh_size(mesh, axes: tuple[str, ...]) -> int:

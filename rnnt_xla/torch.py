@@ -1,34 +1,110 @@
 """PyTorch adapter: ``rnnt_loss`` / ``RNNTLoss`` with torchaudio's argument names, and ``RNNTLossNumba``
 with the seed package's (warprnnt_numba) names and defaults.
 
-The adapter holds no math: it validates the arguments (``rnnt_xla.validation``), hands the tensors'
-memory to the Numba kernels as numpy views (no copy for C-contiguous CPU tensors; other layouts are made
-contiguous once), and reduces with the shared ``rnnt_xla.reductions``. The gradient is computed in
-``backward`` from the small ``O(B*T*U)`` residuals kept by ``forward``, so no ``B*T*(U+1)*V`` buffer lives
-between the two passes, and none is allocated at all when no gradient is requested.
+The adapter holds no math. The loss is two real PyTorch operators (``torch.library.custom_op``), so that
+``torch.compile`` (also ``fullgraph=True`` and dynamic shapes), ``torch.export``, TorchScript (through
+``torch.ops``), ``torch.func`` and ``torch.library.opcheck`` see one opaque node each:
 
-CUDA tensors go to the CUDA kernels (``rnnt_xla.kernels.cuda``) on the same memory, launched on the current
-stream; only the lengths and labels (for validation), the ``B`` costs and the incoming gradient (for the
-shared reductions) are copied to the host.
+- ``torch.ops.rnnt_xla.loss_forward(logits, targets, logit_lengths, target_lengths, blank, clamp,
+  reduction, fused_log_softmax, fastemit_lambda, groups)`` returns the reduced loss, private int64 (int32
+  on CUDA when no input is int64) copies of the labels and lengths, and the ``O(B*T*U)`` residuals
+  (:class:`rnnt_xla.kernels.cpu.Residuals`) that the gradient is computed from;
+- ``torch.ops.rnnt_xla.loss_backward(grad_loss, logits, <the copies>, <the residuals>, <the options>)``
+  returns the gradient w.r.t. the logits.
+
+Both run the whole validation themselves (the shape/dtype/option checks and the data-dependent checks of
+the lengths and labels), so a compiled graph raises the same ``ValueError`` naming the argument as eager
+code; :func:`rnnt_loss` also runs the shape/dtype/option checks in Python first, where ``torch.compile``
+and ``torch.export`` trace them (they only read metadata). ``groups`` splits the batch into equal groups
+reduced separately; ``torch.vmap`` uses it to fold the vmapped axis into the batch, so the kernels run once
+over the whole folded batch (as in the JAX adapter). The public functions pass ``groups=1``. Autograd is
+registered on the operators (``register_autograd``; the backward operator's own derivative raises a clear
+error); while a torch.func transform runs, the same formulas go through ``autograd.Function`` subclasses
+instead, because torch.func does not take the ones ``register_autograd`` generates.
+
+The operators hand the tensors' memory to the Numba kernels as numpy views (no copy for C-contiguous CPU
+tensors) and reduce with the shared ``rnnt_xla.reductions``; no ``B*T*(U+1)*V`` buffer lives between the
+two passes, and none is allocated when no gradient is requested. CUDA tensors go to the CUDA kernels
+(``rnnt_xla.kernels.cuda``) on the same memory, launched on the current stream; only the lengths and labels
+(for validation), the ``B`` costs and the incoming gradient (for the shared reductions) go to the host.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
+from torch import Tensor
 
 from .kernels import cpu
 from .kernels import cuda as cuda_kernels
 from .reductions import gradient_scale, reduce_costs
 from .validation import ArraySpec, LossShape, check_arguments, check_lengths_and_labels
 
-__all__ = ["rnnt_loss", "RNNTLoss", "RNNTLossNumba"]
+__all__ = ["rnnt_loss", "RNNTLoss", "RNNTLossNumba", "fused_rnnt_loss", "FusedRNNTLoss", "Joint"]
+
+_SECOND_ORDER_MESSAGE = (
+    "rnnt_xla: the RNNT loss has no second derivative. Its gradient was computed with create_graph=True "
+    "(double backward, torch.autograd.functional.hessian, a gradient penalty through the loss) and cannot be "
+    "differentiated again; compute the loss's gradient without create_graph, or keep the loss out of the "
+    "part of the graph that is differentiated twice.")
 
 
 def _spec(name: str, tensor: object) -> ArraySpec:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     return ArraySpec(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), str(tensor.device))
+
+
+def _check(logits: Tensor, targets: Tensor, logit_lengths: Tensor, target_lengths: Tensor, blank: int,
+           clamp: float, reduction: str, fused_log_softmax: bool, fastemit_lambda: float) -> LossShape:
+    """The shape, dtype, device and option checks (``validation.check_arguments``), metadata only."""
+    specs = [_spec(n, t) for n, t in zip(("logits", "targets", "logit_lengths", "target_lengths"),
+                                         (logits, targets, logit_lengths, target_lengths))]
+    if torch.jit.is_tracing():
+        # jit.trace records sizes as tensors and warns that branching on them is baked into the trace; these
+        # checks are meant to be (the operator checks the traced graph's actual inputs again).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return check_arguments(*specs, blank=blank, clamp=clamp, reduction=reduction,
+                                   fused_log_softmax=fused_log_softmax, fastemit_lambda=fastemit_lambda)
+    return check_arguments(*specs, blank=blank, clamp=clamp, reduction=reduction,
+                           fused_log_softmax=fused_log_softmax, fastemit_lambda=fastemit_lambda)
+
+
+def _group_size(batch: int, groups: int) -> int:
+    if groups < 1 or batch % groups:
+        raise ValueError(f"groups must be >= 1 and divide the batch size {batch}, got {groups}")
+    return batch // groups
+
+
+def _loss_shape(batch: int, groups: int, reduction: str) -> tuple[int]:
+    """``(B,)`` costs for ``"none"``, else one reduced loss per group."""
+    return (batch,) if reduction == "none" else (groups,)
+
+
+_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the costs and of the ``log_norm`` residual (``cpu.compute_dtype``)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _index_dtype(device: torch.device, *indices: Tensor) -> torch.dtype:
+    """dtype of the private index copies: the CPU kernels are compiled for int64; the CUDA kernels take
+    int32 or int64, and one dtype for the three keeps their compiled variants few."""
+    if device.type == "cpu" or torch.int64 in {t.dtype for t in indices}:
+        return torch.int64
+    return torch.int32
+
+
+def _residual_shapes(logits: Tensor) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """``(shape, dtype)`` of each residual for ``logits`` (``cpu.residual_shapes``, as torch dtypes)."""
+    B, T, U1, _ = logits.shape
+    like = np.float64 if logits.dtype == torch.float64 else np.float32  # 16-bit logits compute in float32
+    return [(shape, _TORCH_DTYPES[dtype]) for shape, dtype in cpu.residual_shapes(B, T, U1, like)]
 
 
 def _logits_for_kernels(tensor: torch.Tensor) -> np.ndarray:
@@ -52,151 +128,7 @@ def _as_index_array(tensor: torch.Tensor) -> np.ndarray:
     Always a copy, also of int64 tensors: the backward pass reads these arrays again, and a data loader
     that refills its batch buffers in place between forward and backward must not change the gradient (or
     send the kernels out of bounds). autograd's version counter does not watch numpy views."""
-    return np.array(tensor.detach().numpy(), dtype=np.int64, order="C", copy=True)
-
-
-_SECOND_ORDER_MESSAGE = (
-    "rnnt_xla: the RNNT loss has no second derivative. Its gradient was computed with create_graph=True "
-    "(double backward, torch.autograd.functional.hessian, a gradient penalty through the loss) and cannot be "
-    "differentiated again; compute the loss's gradient without create_graph, or keep the loss out of the "
-    "part of the graph that is differentiated twice.")
-
-
-class _FirstOrderOnly(torch.autograd.Function):
-    """The loss's gradient as a function of the logits whose own derivative raises a clear error.
-
-    Used when backward runs with ``create_graph=True``. ``once_differentiable`` is not enough: its error
-    node hangs off a detached copy, so a Hessian w.r.t. the logits finds no path through it and comes out
-    silently zero. Here the gradient depends on the logits in the graph, so any second derivative meets
-    the error."""
-
-    @staticmethod
-    def forward(ctx, grads, logits, grad_loss):
-        return grads.view_as(grads)
-
-    @staticmethod
-    def backward(ctx, grad_grads):
-        raise RuntimeError(_SECOND_ORDER_MESSAGE)
-
-
-def _first_order_only(grads: torch.Tensor, logits: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
-    """``grads``, guarded by :class:`_FirstOrderOnly` when backward runs with ``create_graph=True``."""
-    if torch.is_grad_enabled() and (logits.requires_grad or grad_loss.requires_grad):
-        return _FirstOrderOnly.apply(grads, logits, grad_loss)
-    return grads
-
-
-class _RNNTLossFunction(torch.autograd.Function):
-    """The reduced loss; the gradient w.r.t. ``logits`` is computed in ``backward`` from the residuals."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, logit_lengths, target_lengths, shape, reduction, fused_log_softmax,
-                fastemit_lambda, clamp):
-        shape: LossShape
-        targets_np, logit_lengths_np, target_lengths_np = map(_as_index_array, (targets, logit_lengths, target_lengths))
-        check_lengths_and_labels(targets_np, logit_lengths_np, target_lengths_np, shape)
-        logits_c = logits.contiguous()
-        logits_np = _logits_for_kernels(logits_c)
-        B, T, U1, _ = logits_np.shape
-        costs = np.empty(B, dtype=cpu.compute_dtype(logits_np.dtype))
-        residuals = cpu.allocate_residuals(B, T, U1, logits_np.dtype)
-        cpu.forward(logits_np, targets_np, logit_lengths_np, target_lengths_np, shape.blank, fused_log_softmax,
-                    fastemit_lambda, costs, residuals)
-        loss = np.empty((B,) if reduction == "none" else (), dtype=costs.dtype)
-        reduce_costs(costs[None], target_lengths_np[None], reduction, loss[None])
-        loss = torch.from_numpy(loss)
-        if ctx.needs_input_grad[0]:
-            # The input itself too: a second derivative must find the logits in the graph (_FirstOrderOnly).
-            ctx.save_for_backward(logits_c, logits)
-            ctx.kernel_args = (targets_np, logit_lengths_np, target_lengths_np, shape.blank, fused_log_softmax,
-                               fastemit_lambda, clamp)
-            ctx.reduction = reduction
-            ctx.residuals = residuals
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        with torch.no_grad():
-            grads = _RNNTLossFunction._gradient(ctx, grad_loss)
-        return (_first_order_only(grads, ctx.saved_tensors[1], grad_loss),) + (None,) * 8
-
-    @staticmethod
-    def _gradient(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
-        logits = ctx.saved_tensors[0]
-        targets, logit_lengths, target_lengths, blank, fused, fastemit_lambda, clamp = ctx.kernel_args
-        logits_np = _logits_for_kernels(logits)
-        grad_scale = gradient_scale(grad_loss.detach().numpy()[None], target_lengths[None], ctx.reduction)[0]
-        # numpy asks the kernel for transparent huge pages on large buffers (torch does not): first-touch
-        # page faults on a fresh gradient then cost ~4x less. The tensor shares the numpy memory.
-        grads = np.empty_like(logits_np)
-        cpu.backward(logits_np, targets, logit_lengths, target_lengths, blank, fused, fastemit_lambda, clamp,
-                     grad_scale, ctx.residuals, grads)
-        return _tensor_from_kernel_array(grads, logits.dtype)
-
-
-class _RNNTLossCUDAFunction(torch.autograd.Function):
-    """:class:`_RNNTLossFunction` for CUDA tensors: the ``rnnt_xla.kernels.cuda`` kernels on the tensors'
-    memory (``__cuda_array_interface__``, no copies), launched on the current stream. The lengths and labels
-    (``B*(W + 2)`` values) are copied to the host for validation, the ``B`` costs for the shared reduction
-    and the incoming gradient for the per-utterance scale; residuals, betas and gradient stay on the GPU, in
-    tensors from torch's allocator."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, logit_lengths, target_lengths, shape, reduction, fused_log_softmax,
-                fastemit_lambda, clamp):
-        shape: LossShape
-        host = [_as_index_array(t.cpu()) for t in (targets, logit_lengths, target_lengths)]
-        check_lengths_and_labels(*host, shape)
-        device = logits.device
-        # The kernels take int32 or int64 indices; one dtype for the three keeps the compiled variants few.
-        index_dtype = torch.int64 if torch.int64 in (targets.dtype, logit_lengths.dtype, target_lengths.dtype) \
-            else torch.int32
-        # Private copies, also when no conversion is needed: backward reads them again (see _as_index_array).
-        indices = [t.detach().to(index_dtype, memory_format=torch.contiguous_format, copy=True)
-                   for t in (targets, logit_lengths, target_lengths)]
-        logits_c = logits.contiguous()
-        B, T, U1, _ = logits_c.shape
-        dtype = cuda_kernels.kernel_dtype(str(logits.dtype).removeprefix("torch."))
-        residuals = cpu.Residuals(*(torch.empty(size, dtype=getattr(torch, dt.name), device=device)
-                                    for size, dt in cpu.residual_shapes(B, T, U1, dtype)))
-        costs = torch.empty(B, dtype=getattr(torch, cuda_kernels.compute_dtype(dtype).name), device=device)
-        with torch.cuda.device(device):  # Numba works in the current device's context
-            cuda_kernels.forward(_cuda_kernel_view(logits_c), *indices, shape.blank, fused_log_softmax,
-                                 fastemit_lambda, costs, residuals,
-                                 stream=torch.cuda.current_stream(device).cuda_stream)
-        loss = torch.empty((B,) if reduction == "none" else (), dtype=costs.dtype)
-        reduce_costs(costs.cpu().numpy()[None], host[2][None], reduction, loss.numpy()[None])
-        if ctx.needs_input_grad[0]:
-            # The input itself too: a second derivative must find the logits in the graph (_FirstOrderOnly).
-            ctx.save_for_backward(logits_c, logits)
-            ctx.kernel_args = (*indices, shape.blank, fused_log_softmax, fastemit_lambda, clamp)
-            ctx.host_target_lengths = host[2]
-            ctx.reduction = reduction
-            ctx.residuals = residuals
-        return loss.to(device)
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        with torch.no_grad():
-            grads = _RNNTLossCUDAFunction._gradient(ctx, grad_loss)
-        return (_first_order_only(grads, ctx.saved_tensors[1], grad_loss),) + (None,) * 8
-
-    @staticmethod
-    def _gradient(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
-        logits = ctx.saved_tensors[0]
-        targets, logit_lengths, target_lengths, blank, fused, fastemit_lambda, clamp = ctx.kernel_args
-        device = logits.device
-        scale = gradient_scale(grad_loss.detach().cpu().numpy()[None], ctx.host_target_lengths[None],
-                               ctx.reduction)[0]
-        B, T, U1, _ = logits.shape
-        grad_scale = torch.from_numpy(scale).to(device)
-        betas = torch.empty((B, T, U1), dtype=torch.float64, device=device)
-        grads = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        with torch.cuda.device(device):
-            cuda_kernels.backward(_cuda_kernel_view(logits), targets, logit_lengths, target_lengths, blank, fused,
-                                  fastemit_lambda, clamp, grad_scale, ctx.residuals, _cuda_kernel_view(grads),
-                                  stream=torch.cuda.current_stream(device).cuda_stream, betas=betas)
-        return grads
+    return np.array(tensor.detach().cpu().numpy(), dtype=np.int64, order="C", copy=True)
 
 
 def _cuda_kernel_view(tensor: torch.Tensor) -> torch.Tensor:
@@ -205,6 +137,289 @@ def _cuda_kernel_view(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.detach()
     return tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
 
+
+# --- the forward operator ------------------------------------------------------------------------------
+
+_FORWARD_OUTPUTS = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+@torch.library.custom_op("rnnt_xla::loss_forward", mutates_args=(), device_types="cpu")
+def loss_forward(logits: Tensor, targets: Tensor, logit_lengths: Tensor, target_lengths: Tensor, blank: int,
+                 clamp: float, reduction: str, fused_log_softmax: bool, fastemit_lambda: float,
+                 groups: int) -> _FORWARD_OUTPUTS:
+    """The reduced loss and what the backward operator needs (see the module docstring).
+
+    Args: as :func:`rnnt_loss`, plus ``groups``: the batch ``B`` is ``groups`` equal groups, each reduced on
+    its own. Returns ``loss`` (``(B,)`` for ``"none"``, else ``(groups,)``; float64 for float64 logits, else
+    float32), ``targets (B, W)``, ``logit_lengths (B,)``, ``target_lengths (B,)`` int64 copies, and
+    ``log_norm``, ``log_blank``, ``log_emit``, ``alphas (B, T, U+1)``, ``log_likelihood (B,)``.
+    Raises: TypeError, ValueError naming the argument, before any kernel runs.
+    """
+    shape = _check(logits, targets, logit_lengths, target_lengths, blank, clamp, reduction, fused_log_softmax,
+                   fastemit_lambda)
+    size = _group_size(shape.batch, groups)
+    indices = [_as_index_array(t) for t in (targets, logit_lengths, target_lengths)]
+    check_lengths_and_labels(*indices, shape)
+    logits_np = _logits_for_kernels(logits.contiguous())
+    # Zeroed (calloc: no extra pass over the memory): the kernels leave the padding cells unwritten, and
+    # an operator's outputs must be deterministic (compiled graphs and opcheck compare them).
+    B, T, U1, _ = logits_np.shape
+    residuals = cpu.Residuals(*(np.zeros(s, d) for s, d in cpu.residual_shapes(B, T, U1, logits_np.dtype)))
+    costs = np.empty(shape.batch, dtype=cpu.compute_dtype(logits_np.dtype))
+    cpu.forward(logits_np, *indices, shape.blank, fused_log_softmax, fastemit_lambda, costs, residuals)
+    loss = np.empty(_loss_shape(shape.batch, groups, reduction), dtype=costs.dtype)
+    reduce_costs(costs.reshape(groups, size), indices[2].reshape(groups, size), reduction,
+                 loss.reshape(groups, size) if reduction == "none" else loss)
+    return (torch.from_numpy(loss), *map(torch.from_numpy, indices), *map(torch.from_numpy, residuals))
+
+
+@loss_forward.register_kernel("cuda")
+def _loss_forward_cuda(logits: Tensor, targets: Tensor, logit_lengths: Tensor, target_lengths: Tensor,
+                       blank: int, clamp: float, reduction: str, fused_log_softmax: bool, fastemit_lambda: float,
+                       groups: int) -> _FORWARD_OUTPUTS:
+    """:func:`loss_forward` on CUDA tensors: the ``rnnt_xla.kernels.cuda`` kernels on the tensors' memory
+    (``__cuda_array_interface__``, no copies), launched on the current stream. The lengths and labels
+    (``B*(W + 2)`` values) are copied to the host for validation and the ``B`` costs for the reduction;
+    residuals stay on the GPU, in tensors from torch's allocator."""
+    shape = _check(logits, targets, logit_lengths, target_lengths, blank, clamp, reduction, fused_log_softmax,
+                   fastemit_lambda)
+    size = _group_size(shape.batch, groups)
+    host = [_as_index_array(t) for t in (targets, logit_lengths, target_lengths)]
+    check_lengths_and_labels(*host, shape)
+    device = logits.device
+    index_dtype = _index_dtype(device, targets, logit_lengths, target_lengths)
+    # Private copies, also when no conversion is needed: backward reads them again (see _as_index_array).
+    indices = [t.detach().to(index_dtype, memory_format=torch.contiguous_format, copy=True)
+               for t in (targets, logit_lengths, target_lengths)]
+    residuals = cpu.Residuals(*(torch.zeros(s, dtype=d, device=device) for s, d in _residual_shapes(logits)))
+    costs = torch.empty(shape.batch, dtype=_compute_dtype(logits.dtype), device=device)
+    with torch.cuda.device(device):  # Numba works in the current device's context
+        cuda_kernels.forward(_cuda_kernel_view(logits.contiguous()), *indices, shape.blank, fused_log_softmax,
+                             fastemit_lambda, costs, residuals,
+                             stream=torch.cuda.current_stream(device).cuda_stream)
+    loss = torch.empty(_loss_shape(shape.batch, groups, reduction), dtype=costs.dtype)
+    reduce_costs(costs.cpu().numpy().reshape(groups, size), host[2].reshape(groups, size), reduction,
+                 loss.numpy().reshape(groups, size) if reduction == "none" else loss.numpy())
+    return (loss.to(device), *indices, *residuals)
+
+
+@loss_forward.register_fake
+def _loss_forward_fake(logits: Tensor, targets: Tensor, logit_lengths: Tensor, target_lengths: Tensor,
+                       blank: int, clamp: float, reduction: str, fused_log_softmax: bool, fastemit_lambda: float,
+                       groups: int) -> _FORWARD_OUTPUTS:
+    """Shapes and dtypes of :func:`loss_forward`'s outputs, from the inputs' metadata only."""
+    index_dtype = _index_dtype(logits.device, targets, logit_lengths, target_lengths)
+    loss = logits.new_empty(_loss_shape(logits.shape[0], groups, reduction), dtype=_compute_dtype(logits.dtype))
+    indices = [t.new_empty(t.shape, dtype=index_dtype) for t in (targets, logit_lengths, target_lengths)]
+    residuals = [logits.new_empty(s, dtype=d) for s, d in _residual_shapes(logits)]
+    return (loss, *indices, *residuals)
+
+
+# --- the backward operator -----------------------------------------------------------------------------
+
+def _check_backward(grad_loss: Tensor, logits: Tensor, indices: tuple[Tensor, Tensor, Tensor],
+                    residuals: tuple[Tensor, ...], blank: int, clamp: float, reduction: str,
+                    fused_log_softmax: bool, fastemit_lambda: float, groups: int
+                    ) -> tuple[LossShape, int, list[np.ndarray]]:
+    """The forward operator's checks again (the backward operator can be called on its own), plus the
+    shapes of the incoming gradient and the residuals. Returns the sizes, the group size and host int64
+    copies of the indices."""
+    shape = _check(logits, *indices, blank, clamp, reduction, fused_log_softmax, fastemit_lambda)
+    size = _group_size(shape.batch, groups)
+    host = [_as_index_array(t) for t in indices]
+    check_lengths_and_labels(*host, shape)
+    expected = _loss_shape(shape.batch, groups, reduction)
+    if tuple(grad_loss.shape) != expected:
+        raise ValueError(f"grad_loss must have shape {expected} (the forward operator's loss), "
+                         f"got {tuple(grad_loss.shape)}")
+    for name, tensor, (s, d) in zip(cpu.Residuals._fields, residuals, _residual_shapes(logits)):
+        if tuple(tensor.shape) != s or tensor.dtype != d or tensor.device != logits.device:
+            raise ValueError(f"{name} must be a {s} {d} tensor on {logits.device} (the forward operator's "
+                             f"residual), got {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}")
+    return shape, size, host
+
+
+def _gradient_scale(grad_loss: np.ndarray, target_lengths: np.ndarray, reduction: str, groups: int,
+                    size: int) -> np.ndarray:
+    """``(B,) float64`` per-utterance scale of the gradient (``reductions.gradient_scale`` per group)."""
+    grad_loss = grad_loss.reshape(groups, size) if reduction == "none" else grad_loss.reshape(groups)
+    return gradient_scale(grad_loss, target_lengths.reshape(groups, size), reduction).reshape(-1)
+
+
+@torch.library.custom_op("rnnt_xla::loss_backward", mutates_args=(), device_types="cpu")
+def loss_backward(grad_loss: Tensor, logits: Tensor, targets: Tensor, logit_lengths: Tensor,
+                  target_lengths: Tensor, log_norm: Tensor, log_blank: Tensor, log_emit: Tensor, alphas: Tensor,
+                  log_likelihood: Tensor, blank: int, clamp: float, reduction: str, fused_log_softmax: bool,
+                  fastemit_lambda: float, groups: int) -> Tensor:
+    """Gradient ``(B, T, U+1, V)`` w.r.t. ``logits`` (their dtype) for the incoming gradient ``grad_loss`` of
+    :func:`loss_forward`'s loss; ``targets`` to ``log_likelihood`` are its other outputs."""
+    residuals = (log_norm, log_blank, log_emit, alphas, log_likelihood)
+    shape, size, indices = _check_backward(grad_loss, logits, (targets, logit_lengths, target_lengths), residuals,
+                                           blank, clamp, reduction, fused_log_softmax, fastemit_lambda, groups)
+    logits_np = _logits_for_kernels(logits.contiguous())
+    scale = _gradient_scale(grad_loss.detach().numpy(), indices[2], reduction, groups, size)
+    # numpy asks the kernel for transparent huge pages on large buffers (torch does not): first-touch
+    # page faults on a fresh gradient then cost ~4x less. The tensor shares the numpy memory.
+    grads = np.empty_like(logits_np)
+    cpu.backward(logits_np, *indices, shape.blank, fused_log_softmax, fastemit_lambda, clamp, scale,
+                 cpu.Residuals(*(r.detach().contiguous().numpy() for r in residuals)), grads)
+    return _tensor_from_kernel_array(grads, logits.dtype)
+
+
+@loss_backward.register_kernel("cuda")
+def _loss_backward_cuda(grad_loss: Tensor, logits: Tensor, targets: Tensor, logit_lengths: Tensor,
+                        target_lengths: Tensor, log_norm: Tensor, log_blank: Tensor, log_emit: Tensor,
+                        alphas: Tensor, log_likelihood: Tensor, blank: int, clamp: float, reduction: str,
+                        fused_log_softmax: bool, fastemit_lambda: float, groups: int) -> Tensor:
+    """:func:`loss_backward` on CUDA tensors; betas and gradient in tensors from torch's allocator."""
+    residuals = cpu.Residuals(*(r.contiguous() for r in (log_norm, log_blank, log_emit, alphas, log_likelihood)))
+    indices = [t.contiguous() for t in (targets, logit_lengths, target_lengths)]
+    shape, size, host = _check_backward(grad_loss, logits, indices, residuals, blank, clamp, reduction,
+                                        fused_log_softmax, fastemit_lambda, groups)
+    if len({t.dtype for t in indices}) > 1:
+        indices = [t.long() for t in indices]
+    device = logits.device
+    logits = logits.contiguous()
+    scale = _gradient_scale(grad_loss.detach().cpu().numpy(), host[2], reduction, groups, size)
+    B, T, U1, _ = logits.shape
+    betas = torch.empty((B, T, U1), dtype=torch.float64, device=device)
+    grads = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    with torch.cuda.device(device):
+        cuda_kernels.backward(_cuda_kernel_view(logits), *indices, shape.blank, fused_log_softmax,
+                              fastemit_lambda, clamp, torch.from_numpy(scale).to(device), residuals,
+                              _cuda_kernel_view(grads), stream=torch.cuda.current_stream(device).cuda_stream,
+                              betas=betas)
+    return grads
+
+
+@loss_backward.register_fake
+def _loss_backward_fake(grad_loss: Tensor, logits: Tensor, *args: object) -> Tensor:
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+# --- autograd, vmap and torch.func ---------------------------------------------------------------------
+
+def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(inputs[0], *output[1:])
+    ctx.options = tuple(inputs[4:])
+
+
+def _backward(ctx, grad_loss: Tensor, *unused: Tensor) -> tuple:
+    logits, *saved = ctx.saved_tensors
+    grads = _call_backward(grad_loss, logits, *saved, *ctx.options)
+    return (grads,) + (None,) * 9
+
+
+def _no_second_derivative(ctx, *grads: Tensor):
+    raise RuntimeError(_SECOND_ORDER_MESSAGE)
+
+
+# With create_graph=True the backward operator is recorded in the graph (it depends on the logits and the
+# incoming gradient), so any second derivative meets this error; a detached gradient would instead give a
+# silently zero Hessian.
+loss_forward.register_autograd(_backward, setup_context=_setup_context)
+loss_backward.register_autograd(_no_second_derivative)
+
+
+def _fold(n: int, tensor: Tensor, dim: int | None) -> Tensor:
+    """``tensor`` with its vmapped axis ``dim`` (of size ``n``; broadcast if ``None``) folded into axis 0."""
+    tensor = tensor.expand(n, *tensor.shape) if dim is None else tensor.movedim(dim, 0)
+    return tensor.reshape(tensor.shape[0] * tensor.shape[1], *tensor.shape[2:])
+
+
+def _unfold(n: int, tensor: Tensor) -> Tensor:
+    return tensor.reshape(n, tensor.shape[0] // n, *tensor.shape[1:])
+
+
+@loss_forward.register_vmap
+def _loss_forward_vmap(info, in_dims: tuple, logits: Tensor, targets: Tensor, logit_lengths: Tensor,
+                       target_lengths: Tensor, blank: int, clamp: float, reduction: str, fused_log_softmax: bool,
+                       fastemit_lambda: float, groups: int) -> tuple:
+    """``vmap`` folds the vmapped axis into the batch: one kernel launch, each example its own group."""
+    n = info.batch_size
+    tensors = [_fold(n, t, d) for t, d in zip((logits, targets, logit_lengths, target_lengths), in_dims)]
+    outputs = loss_forward(*tensors, blank, clamp, reduction, fused_log_softmax, fastemit_lambda, groups * n)
+    return tuple(_unfold(n, t) for t in outputs), (0,) * len(outputs)
+
+
+@loss_backward.register_vmap
+def _loss_backward_vmap(info, in_dims: tuple, *args: object) -> tuple:
+    n = info.batch_size
+    tensors = [_fold(n, t, d) for t, d in zip(args[:10], in_dims)]
+    *options, groups = args[10:]
+    return _unfold(n, loss_backward(*tensors, *options, groups * n)), 0
+
+
+class _LossForward(torch.autograd.Function):
+    """:func:`loss_forward` with its autograd formula, for torch.func transforms: the autograd.Function
+    that ``register_autograd`` generates has no ``setup_context``, which torch.func requires (pytorch
+    issues 168393, 170834). This one while ``torch.compile`` traces a torch.func transform (Dynamo does not
+    take custom ``jvp`` methods), :class:`_LossForwardJvp` otherwise."""
+
+    generate_vmap_rule = True  # the operators' own vmap rules
+
+    @staticmethod
+    def forward(*args):
+        return loss_forward(*args)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
+class _LossForwardJvp(_LossForward):
+    """:class:`_LossForward` with forward mode (``torch.func.jvp``, ``jacfwd``): the loss's tangent is the
+    gradient for a unit incoming gradient dotted with the logits' tangent."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0], *output)
+
+    @staticmethod
+    def jvp(ctx, logits_tangent: Tensor | None, *unused):
+        logits, loss, *saved = ctx.saved_tensors
+        if logits_tangent is None:
+            return (None,) * 9
+        grads = _call_backward(torch.ones_like(loss), logits, *saved, *ctx.options)
+        products = grads.to(loss.dtype) * logits_tangent.to(loss.dtype)
+        return (products.reshape(loss.shape[0], -1).sum(1),) + (None,) * 8
+
+
+class _LossBackward(torch.autograd.Function):
+    """:func:`loss_backward` for torch.func transforms; its own derivatives raise (see above)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*args):
+        return loss_backward(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    backward = staticmethod(_no_second_derivative)
+    jvp = staticmethod(_no_second_derivative)
+
+
+def _call_forward(*args: object) -> tuple[Tensor, ...]:
+    """:func:`loss_forward` with autograd: the operator, or an autograd.Function with ``setup_context``
+    while a torch.func transform runs (with forward mode unless torch.compile traces it)."""
+    if torch._C._are_functorch_transforms_active():
+        return (_LossForward if torch.compiler.is_compiling() else _LossForwardJvp).apply(*args)
+    return loss_forward(*args)
+
+
+def _call_backward(*args: object) -> Tensor:
+    """:func:`loss_backward`, through :class:`_LossBackward` while a torch.func transform runs eagerly (so
+    that its second derivatives raise rnnt_xla's error; torch.compile's tracing takes the operator)."""
+    if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
+        return _LossBackward.apply(*args)
+    return loss_backward(*args)
+
+
+# --- the public API ------------------------------------------------------------------------------------
 
 def rnnt_loss(
     logits: torch.Tensor,
@@ -242,17 +457,35 @@ def rnnt_loss(
     Raises:
         TypeError, ValueError: on any invalid argument, naming it, before any computation.
     """
-    specs = [_spec(n, t) for n, t in zip(("logits", "targets", "logit_lengths", "target_lengths"),
-                                         (logits, targets, logit_lengths, target_lengths))]
-    shape = check_arguments(*specs, blank=blank, clamp=clamp, reduction=reduction,
-                            fused_log_softmax=fused_log_softmax, fastemit_lambda=fastemit_lambda)
-    if logits.device.type == "cuda":  # check_arguments has put every input on the same device
-        return _RNNTLossCUDAFunction.apply(logits, targets, logit_lengths, target_lengths, shape, reduction,
-                                           bool(fused_log_softmax), float(fastemit_lambda), float(clamp))
-    if logits.device.type != "cpu":
+    if torch.jit.is_scripting():  # TorchScript compiles only this branch: the operator runs all the checks
+        return _scripted_loss(logits, targets, logit_lengths, target_lengths, blank, clamp, reduction,
+                              fused_log_softmax, fastemit_lambda)
+    _check(logits, targets, logit_lengths, target_lengths, blank, _while_tracing(clamp), reduction,
+           fused_log_softmax, _while_tracing(fastemit_lambda))
+    if logits.device.type not in ("cpu", "cuda"):  # _check has put every input on the same device
         raise ValueError(f"logits must be on the CPU or a CUDA device, got device {logits.device}")
-    return _RNNTLossFunction.apply(logits, targets, logit_lengths, target_lengths, shape, reduction,
-                                   bool(fused_log_softmax), float(fastemit_lambda), float(clamp))
+    # contiguous() here, in the graph, rather than in the operators: the one copy of non-contiguous logits is
+    # then also the one kept for the backward pass.
+    outputs = _call_forward(logits.contiguous(), targets, logit_lengths, target_lengths, int(blank), float(clamp),
+                            reduction, bool(fused_log_softmax), float(fastemit_lambda), 1)
+    return outputs[0] if reduction == "none" else outputs[0].reshape(())
+
+
+def _while_tracing(option: object) -> object:
+    """A float option as the trace-time checks see it. ``torch.compile(dynamic=True)`` traces Python floats
+    as symbolic values, which the NaN and range checks cannot branch on without a graph break; while
+    compiling, those two checks are left to the operators, which run them on the actual values (the same
+    errors, raised when the compiled code runs)."""
+    return 0.0 if isinstance(option, float) and torch.compiler.is_compiling() else option
+
+
+def _scripted_loss(logits: Tensor, targets: Tensor, logit_lengths: Tensor, target_lengths: Tensor, blank: int,
+                   clamp: float, reduction: str, fused_log_softmax: bool, fastemit_lambda: float) -> Tensor:
+    """:func:`rnnt_loss` under TorchScript (``torch.jit.script`` of the modules): the operator itself,
+    which runs all the checks."""
+    loss = torch.ops.rnnt_xla.loss_forward(logits.contiguous(), targets, logit_lengths, target_lengths, blank,
+                                           clamp, reduction, fused_log_softmax, fastemit_lambda, 1)[0]
+    return loss if reduction == "none" else loss.reshape(())
 
 
 class RNNTLoss(torch.nn.Module):
@@ -269,6 +502,9 @@ class RNNTLoss(torch.nn.Module):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, logit_lengths: torch.Tensor,
                 target_lengths: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return rnnt_loss(logits, targets, logit_lengths, target_lengths, int(self.blank), float(self.clamp),
+                             self.reduction, bool(self.fused_log_softmax), float(self.fastemit_lambda))
         return rnnt_loss(logits, targets, logit_lengths, target_lengths, blank=self.blank, clamp=self.clamp,
                          reduction=self.reduction, fused_log_softmax=self.fused_log_softmax,
                          fastemit_lambda=self.fastemit_lambda)
@@ -292,6 +528,24 @@ class RNNTLossNumba(torch.nn.Module):
 
     def forward(self, acts: torch.Tensor, labels: torch.Tensor, act_lens: torch.Tensor,
                 label_lens: torch.Tensor) -> torch.Tensor:
-        loss = rnnt_loss(acts, labels, act_lens, label_lens, blank=self.blank, clamp=self.clamp,
-                         reduction=self.reduction, fused_log_softmax=True, fastemit_lambda=self.fastemit_lambda)
+        if torch.jit.is_scripting():
+            loss = rnnt_loss(acts, labels, act_lens, label_lens, int(self.blank), float(self.clamp),
+                             self.reduction, True, float(self.fastemit_lambda))
+        else:
+            loss = rnnt_loss(acts, labels, act_lens, label_lens, blank=self.blank, clamp=self.clamp,
+                             reduction=self.reduction, fused_log_softmax=True,
+                             fastemit_lambda=self.fastemit_lambda)
         return loss if self.reduction == "none" else loss.reshape(1)
+
+
+_FUSED = ("fused_rnnt_loss", "FusedRNNTLoss", "Joint")
+
+
+def __getattr__(name: str):
+    """The fused joint + loss lives in ``rnnt_xla.torch_fused`` (it drives the kernels tile by tile and uses
+    this module's helpers); it is loaded on first use, so either module can be imported first."""
+    if name in _FUSED:
+        from . import torch_fused
+
+        return getattr(torch_fused, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from rnnt_xla.kernels import cpu  # noqa: E402
 from rnnt_xla.reference import log_softmax, rnnt_loss_reference  # noqa: E402
 from rnnt_xla.torch import rnnt_loss as torch_rnnt_loss  # noqa: E402
 
-REDUCTIONS = ["none", "sum", "mean", "mean_by_target_length"]
+REDUCTIONS = ["none", "sum", "mean", "mean_by_target_length", "mean_volume"]
 
 
 def jax_inputs(p: Problem):
@@ -125,8 +124,9 @@ def test_backward_reuses_the_forward_residuals(monkeypatch):
     logits, targets, logit_lengths, target_lengths = jax_inputs(p)
     calls = []
     for name in ("log_normalizers", "alphas_and_costs", "betas", "gradients"):
-        kernel = getattr(cpu, name)
-        monkeypatch.setattr(cpu, name, lambda *a, _k=kernel, _n=name: (calls.append(_n), _k(*a))[1])
+        for variant in (name, f"{name}_serial"):  # small problems run the serial kernels (kernels.threads)
+            kernel = getattr(cpu, variant)
+            monkeypatch.setattr(cpu, variant, lambda *a, _k=kernel, _n=name: (calls.append(_n), _k(*a))[1])
     jax.grad(lambda x: rnnt_loss(x, targets, logit_lengths, target_lengths, blank=3))(logits)
     assert calls == ["log_normalizers", "alphas_and_costs", "betas", "gradients"]
 
@@ -183,60 +183,149 @@ def test_bad_values_under_jit_are_reported_by_the_callback():
     assert np.isfinite(jitted(*inputs.values()))
 
 
-SHARDING_SCRIPT = textwrap.dedent("""
-    import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    import jax, jax.numpy as jnp, numpy as np
-    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-    from rnnt_xla.jax import rnnt_loss
-    from rnnt_xla.kernels import cpu
+# Every way of sharding the batch over a mesh, on four CPU devices (the flag must precede importing jax).
+SHARDING_SCRIPT = '''
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from rnnt_xla.jax import rnnt_loss
+from rnnt_xla.kernels import cpu
 
-    batches = []
-    forward = cpu.forward
-    cpu.forward = lambda x, *a: (batches.append(x.shape[0]), forward(x, *a))[1]
-    rng = np.random.default_rng(0)
-    B, T, U, V = 4, 6, 3, 5
-    x = rng.standard_normal((B, T, U + 1, V)).astype(np.float32)
-    inputs = (x, rng.integers(1, V, (B, U)).astype(np.int32), np.array([6, 5, 4, 6], np.int32),
-              np.array([3, 2, 1, 0], np.int32))
-    for reduction in ["mean", "none", "mean_by_target_length"]:
-        opts = dict(blank=0, reduction=reduction, clamp=0.2, fastemit_lambda=0.1)
-        loss = lambda x, *r: rnnt_loss(x, *r, **opts).sum()
-        ref_value, ref_grad = jax.value_and_grad(loss)(*map(jnp.asarray, inputs))
+batches = []
+forward = cpu.forward
+cpu.forward = lambda x, *a: (batches.append(x.shape[0]), forward(x, *a))[1]
+rng = np.random.default_rng(0)
+B, T, U, V = 4, 6, 3, 6
+inputs = (rng.standard_normal((B, T, U + 1, V)).astype(np.float32), rng.integers(1, V, (B, U)).astype(np.int32),
+          np.array([6, 5, 4, 6], np.int32), np.array([3, 2, 1, 0], np.int32))
+OPTS = dict(blank=0, clamp=0.2, fastemit_lambda=0.1)
+REFS = {}
 
-        # (a) explicit sharding: each device computes its own shard, no all-gather, sharded gradient
-        mesh = jax.make_mesh((2,), ("x",), axis_types=(AxisType.Explicit,))
-        with jax.set_mesh(mesh):
-            args = [jax.device_put(a, P("x")) for a in inputs]
-            step = jax.jit(jax.value_and_grad(loss))
-            batches.clear()
-            value, grad = jax.block_until_ready(step(*args))  # dispatch is asynchronous
-            assert batches == [2, 2], batches
-            assert "all-gather" not in step.lower(*args).compile().as_text()
-            assert grad.sharding.spec == P("x", None, None, None), grad.sharding
-            np.testing.assert_allclose(value, ref_value, rtol=1e-6)
-            np.testing.assert_array_equal(grad, ref_grad)
 
-        # (b) inside the user's shard_map
-        mesh = jax.make_mesh((2,), ("x",), axis_types=(AxisType.Auto,))
-        args = [jax.device_put(a, NamedSharding(mesh, P("x"))) for a in inputs]
-        per_shard = lambda *s: rnnt_loss(*s, **{**opts, "reduction": "none"})
-        mapped = jax.shard_map(per_shard, mesh=mesh, in_specs=(P("x"),) * 4, out_specs=P("x"))
-        total = lambda x, *r: mapped(x, *r).sum()
-        value, grad = jax.jit(jax.value_and_grad(total))(*args)
-        ref_value, ref_grad = jax.value_and_grad(
-            lambda x, *r: rnnt_loss(x, *r, **{**opts, "reduction": "none"}).sum())(*map(jnp.asarray, inputs))
-        np.testing.assert_allclose(value, ref_value, rtol=1e-6)
-        np.testing.assert_array_equal(grad, ref_grad)
-        assert grad.sharding.spec[0] == "x"
+def reference(reduction):
+    if reduction not in REFS:
+        f = lambda x, *r: rnnt_loss(x, *r, reduction=reduction, **OPTS).sum()
+        REFS[reduction] = jax.value_and_grad(f)(*map(jnp.asarray, inputs))
+    return REFS[reduction]
 
-        # (c) classic jit with NamedSharding on auto axes: correct (the callback sees the gathered batch)
-        batches.clear()
-        value, grad = jax.block_until_ready(jax.jit(jax.value_and_grad(loss))(*args))
-        np.testing.assert_allclose(value, jax.value_and_grad(loss)(*map(jnp.asarray, inputs))[0], rtol=1e-6)
-        assert set(batches) == {4}, batches
-    print("sharding ok")
-""")
+
+def check(case, run, reduction, per_device, batch_spec, hlo=None):
+    """run() -> (value, grad or None); per_device: the batch each kernel call sees (a set: only which
+    batch sizes, XLA may repeat the call on several devices); batch_spec: the mesh
+    axes the gradient's batch axis must keep; hlo: a jitted function and its args, for the all-gather check."""
+    ref_value, ref_grad = reference(reduction)
+    batches.clear()
+    value, grad = jax.block_until_ready(run())
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6, err_msg=case)
+    assert (set(batches) if isinstance(per_device, set) else sorted(batches)) == per_device, (case, batches)
+    if grad is not None and reduction == "mean_volume":  # sharded: the shards' sums over the whole volume
+        np.testing.assert_allclose(grad, ref_grad, rtol=1e-6, atol=1e-9, err_msg=case)
+    elif grad is not None:
+        np.testing.assert_array_equal(grad, ref_grad, err_msg=case)
+        assert (tuple(grad.sharding.spec) + (None,))[0] == batch_spec, (case, grad.sharding)
+    if hlo is not None:
+        text = hlo[0].lower(*hlo[1]).compile().as_text()
+        assert "all-gather" not in text, case
+
+
+def value_and_grad(reduction, **kw):
+    return jax.value_and_grad(lambda x, *r: rnnt_loss(x, *r, reduction=reduction, **OPTS, **kw).sum())
+
+
+def put(mesh, spec):
+    return [jax.device_put(a, NamedSharding(mesh, spec)) for a in inputs]
+
+
+for reduction in ["mean", "none", "sum", "mean_by_target_length", "mean_volume"]:
+    loss = lambda x, *r, **kw: rnnt_loss(x, *r, reduction=reduction, **OPTS, **kw).sum()
+
+    # JAX's default mesh: Explicit axes, no jax.set_mesh. Eager forward and jitted gradient.
+    mesh = jax.make_mesh((2,), ("data",))
+    args = put(mesh, P("data"))
+    step = jax.jit(value_and_grad(reduction))
+    check(f"explicit eager {reduction}", lambda: (loss(*args), None), reduction, [2, 2], None)
+    check(f"explicit jit {reduction}", lambda: step(*args), reduction, [2, 2], "data", (step, args))
+    # ... and under jax.set_mesh, eager gradient too (JAX's own eager grad needs the mesh context here).
+    with jax.set_mesh(mesh):
+        check(f"explicit set_mesh eager {reduction}", lambda: value_and_grad(reduction)(*args), reduction, [2, 2],
+              "data")
+        check(f"explicit set_mesh jit {reduction}", lambda: step(*args), reduction, [2, 2], "data", (step, args))
+
+    # Auto axes, classic jit with NamedSharding inputs: batch_axis says where the batch is split.
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Auto,))
+    args = put(mesh, P("data"))
+    step = jax.jit(value_and_grad(reduction, batch_axis="data"))
+    check(f"auto jit batch_axis {reduction}", lambda: step(*args), reduction, [2, 2], "data", (step, args))
+    check(f"auto eager forward {reduction}", lambda: (loss(*args), None), reduction, [2, 2], None)
+    check(f"auto eager grad batch_axis {reduction}", lambda: value_and_grad(reduction, batch_axis="data")(*args),
+          reduction, [2, 2], "data")
+    with jax.set_mesh(mesh):  # the mesh comes from the context: here the inputs are plain numpy arrays
+        step = jax.jit(value_and_grad(reduction, batch_axis="data"))
+        check(f"auto set_mesh numpy batch_axis {reduction}", lambda: step(*inputs), reduction, [2, 2], "data")
+    # Without batch_axis: correct, but XLA gathers the batch onto one device for the callback.
+    step = jax.jit(value_and_grad(reduction))
+    check(f"auto jit no batch_axis {reduction}", lambda: step(*args), reduction, {4}, None)
+
+    # 2-D meshes: batch over "data" (replicated over "model"), and batch over both axes.
+    for types in [(AxisType.Explicit,) * 2, (AxisType.Auto,) * 2]:
+        mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=types)
+        kind = "explicit" if types[0] == AxisType.Explicit else "auto"
+        for axes, per_device in [("data", [2] * 4), (("data", "model"), [1] * 4)]:
+            args = put(mesh, P(axes))
+            step = jax.jit(value_and_grad(reduction, **({} if kind == "explicit" else {"batch_axis": axes})))
+            check(f"2-D {kind} {axes} {reduction}", lambda: step(*args), reduction, per_device, axes, (step, args))
+
+    # Logits also sharded along the vocabulary (Explicit axes): the kernels need whole rows, so those axes
+    # are gathered, and the batch stays split where it was.
+    mesh = jax.make_mesh((2,), ("data",))
+    args = [jax.device_put(inputs[0], NamedSharding(mesh, P(None, None, None, "data"))), *inputs[1:]]
+    step = jax.jit(value_and_grad(reduction))
+    check(f"explicit vocabulary-sharded jit {reduction}", lambda: step(*args), reduction, {4}, None)
+    with jax.set_mesh(mesh):
+        check(f"explicit vocabulary-sharded eager {reduction}", lambda: value_and_grad(reduction)(*args), reduction,
+              {4}, None)
+    mesh = jax.make_mesh((2, 2), ("data", "model"))
+    args = [jax.device_put(inputs[0], NamedSharding(mesh, P("data", None, None, "model"))), *put(mesh, P("data"))[1:]]
+    check(f"explicit batch- and vocabulary-sharded jit {reduction}", lambda: step(*args), reduction, [2] * 4, "data")
+
+    # Inside the user's own shard_map: per shard ("none" per shard, summed by the user).
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Auto,))
+    args = put(mesh, P("data"))
+    for batch_axis in [None, "data"]:
+        per_shard = lambda *s: rnnt_loss(*s, reduction="none", **OPTS, batch_axis=batch_axis)
+        mapped = jax.shard_map(per_shard, mesh=mesh, in_specs=(P("data"),) * 4, out_specs=P("data"))
+        total = jax.value_and_grad(lambda x, *r: mapped(x, *r).sum())
+        check(f"user shard_map eager batch_axis={batch_axis}", lambda: total(*args), "none", [2, 2], "data")
+        step = jax.jit(total)
+        check(f"user shard_map jit batch_axis={batch_axis}", lambda: step(*args), "none", [2, 2], "data", (step, args))
+
+# Wrong batch_axis values are reported before anything runs.
+mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Auto,))
+for batch_axis, args, message in [("model", put(mesh, P("data")), "batch_axis must name axes of the mesh"),
+                                  ("data", inputs, "batch_axis='data' needs a mesh"),
+                                  ("data", [jax.device_put(a[:3], NamedSharding(mesh, P())) for a in inputs],
+                                   "must divide the batch size 3")]:
+    try:
+        rnnt_loss(*args, batch_axis=batch_axis)
+    except ValueError as error:
+        assert message in str(error), error
+    else:
+        raise AssertionError(f"no error for batch_axis={batch_axis!r}")
+print("sharding ok")
+'''
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_empty_batch_gives_zero_loss_and_zero_gradient(reduction):
+    """An empty shard (B = 0) is not an error, as in torch: the loss is 0 (or empty), the gradient zero."""
+    logits = jnp.zeros((0, 5, 3, 4))
+    index = jnp.zeros((0,), jnp.int32)
+    loss = rnnt_loss(logits, jnp.zeros((0, 2), jnp.int32), index, index, reduction=reduction)
+    assert loss.shape == ((0,) if reduction == "none" else ()) and float(loss.sum()) == 0.0
+    grad = jax.jit(jax.grad(lambda x: rnnt_loss(x, jnp.zeros((0, 2), jnp.int32), index, index,
+                                                reduction=reduction).sum()))(logits)
+    assert grad.shape == logits.shape
 
 
 def test_multi_device_sharding_in_a_subprocess():

@@ -199,8 +199,9 @@ def test_only_the_first_call_of_each_entry_point_pauses_the_collector(monkeypatc
         return wrapper
 
     monkeypatch.setattr(cpu, "_STARTED", set())
-    monkeypatch.setattr(cpu, "log_normalizers", spy("forward", cpu.log_normalizers))
-    monkeypatch.setattr(cpu, "betas", spy("backward", cpu.betas))
+    for variant in ("", "_serial"):  # this small problem runs the serial kernels (kernels.threads)
+        monkeypatch.setattr(cpu, f"log_normalizers{variant}", spy("forward", getattr(cpu, f"log_normalizers{variant}")))
+        monkeypatch.setattr(cpu, f"betas{variant}", spy("backward", getattr(cpu, f"betas{variant}")))
     p = random_problem(rng, 2, 4, 2, 5)
     for _ in range(2):
         run_kernels(p)

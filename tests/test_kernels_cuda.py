@@ -28,6 +28,7 @@ from conftest import Problem, random_problem
 from rnnt_xla.kernels import cpu
 from rnnt_xla.kernels import cuda as cuda_kernels
 from rnnt_xla.reference import log_softmax, rnnt_loss_reference
+from test_float32_extremes import EXTREMES
 
 HAVE_NUMBA_CUDA = importlib.util.find_spec("numba_cuda") is not None
 needs_numba_cuda = pytest.mark.skipif(not HAVE_NUMBA_CUDA, reason="numba-cuda is not installed")
@@ -63,6 +64,7 @@ class Case:
     masked_vocabulary: bool = False
     grad_scale: tuple[float, ...] | None = None
     device_workspace: bool = False  # pass grad_scale and betas as device arrays (the no-sync path)
+    extreme: str = ""  # a key of test_float32_extremes.EXTREMES: an edit of the logits (needs T_b >= 3, U_b >= 2)
     seed: int = 0
     tags: tuple[str, ...] = field(default=())
 
@@ -83,6 +85,8 @@ class Case:
             p.targets[:, : self.U] = rng.integers(0, self.V // 2, (self.B, self.U))
             p.blank = 0
             p.logits[..., self.V // 2:] = -np.inf
+        if self.extreme:
+            EXTREMES[self.extreme](p)
         if not self.fused:
             p.logits = log_softmax(p.logits).astype(NUMPY_DTYPES[self.dtype])
         return p
@@ -120,6 +124,17 @@ SIMULATOR_CASES = [
     Case("float16-fastemit-clamp", 2, 4, 3, 6, blank=1, dtype="float16", fastemit_lambda=0.1, clamp=0.2, seed=10),
     Case("bfloat16-logprobs", 2, 4, 3, 6, blank=0, dtype="bfloat16", fused=False, seed=11),
     Case("bfloat16-fused", 2, 4, 2, 5, blank=4, dtype="bfloat16", index_dtype="int64", seed=12),
+    # far from 0 (test_float32_extremes): offsets, rows of one huge value, blanks no normaliser is recovered from
+    Case("offset+1e5-fastemit-clamp", 2, 4, 3, 8, blank=2, fastemit_lambda=0.1, clamp=0.3, logit_lengths=(4, 3),
+         target_lengths=(3, 2), extreme="offset+100000", seed=13),
+    Case("rows-float32-min", 2, 4, 3, 8, blank=-1, logit_lengths=(4, 3), target_lengths=(3, 2),
+         extreme="rows-3.4e+38", seed=14),
+    Case("float64-rows-float32-max", 2, 4, 3, 6, dtype="float64", index_dtype="int64", logit_lengths=(3, 4),
+         target_lengths=(2, 3), extreme="rows+3.4e+38", seed=15),
+    Case("bfloat16-rows-1e20", 2, 4, 3, 6, blank=1, dtype="bfloat16", logit_lengths=(4, 3), target_lengths=(3, 2),
+         extreme="rows-1e+20", seed=16),
+    Case("unreliable-blanks", 2, 4, 3, 8, blank=3, logit_lengths=(4, 3), target_lengths=(3, 2),
+         extreme="unreliable-blanks", seed=17),
 ]
 
 

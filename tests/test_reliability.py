@@ -125,6 +125,8 @@ def test_four_python_threads_at_once_match_serial_calls():
 CONCURRENT_WORKQUEUE = textwrap.dedent("""
     import threading, numpy as np, torch
     from rnnt_xla.torch import rnnt_loss
+    from rnnt_xla.kernels import threads
+    threads.PARALLEL_MIN_ELEMENTS = threads.PARALLEL_MIN_CELLS = 0  # parallel kernels even at this size
     def step(seed):
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(4, 30, 9, 32, generator=g, requires_grad=True)

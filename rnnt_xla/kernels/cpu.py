@@ -4,6 +4,8 @@ The loss is computed in four passes, none of which materialises a ``B*T*(U+1)*V`
 
 1. :func:`log_normalizers` (parallel over frames): the log-softmax normaliser of every used
    ``(b, t, u)`` row of the logits, and the two log-probabilities the lattice needs, blank and next label.
+   The normaliser is kept as a shift plus the log of a sum, never as their rounded sum, so that costs and
+   gradients are as accurate far from 0 (a common offset of 1e5, rows of -1e20) as near it.
 2. :func:`alphas_and_costs` (parallel over the batch): forward variables and costs.
 3. :func:`betas` (parallel over the batch): backward variables, only when a gradient is wanted.
 4. :func:`gradients` (parallel over frames): the gradient w.r.t. the logits (or log-probabilities), already
@@ -27,17 +29,19 @@ import ctypes
 import math
 import sys
 import threading
+import types
 from typing import NamedTuple
 
 import numpy as np
 
+from . import threads
 from .numba_startup import import_arraymath_without_scipy, paused_garbage_collector
 
 with paused_garbage_collector():  # Numba's import is part of its start-up (see numba_startup)
     import numba
     from numba import njit, prange
 
-    from .fast_math import cast_like, fast_exp, load, store
+    from .fast_math import cast_like, fast_exp, fence, load, store
 
     import_arraymath_without_scipy()
 
@@ -64,11 +68,11 @@ _JIT = dict(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
 
 # Numba's "workqueue" threading layer (the fallback when neither OpenMP nor TBB is available) aborts the
 # process when two threads launch parallel kernels at once; serialise the passes unless a thread-safe
-# layer is active. The layer is only known after the first launch, so that one is serialised too.
+# layer is active.
 _WORKQUEUE_LOCK = threading.Lock()
 
 
-# Entry points (forward, backward) whose kernels this process has already loaded or compiled.
+# Entry points and kernel variants ("forward/serial", ...) whose kernels this process has loaded or compiled.
 _STARTED: set[str] = set()
 
 
@@ -80,18 +84,22 @@ def _start_up_section(entry: str):
     return paused_garbage_collector()
 
 
-def _parallel_section():
-    try:
-        layer = numba.threading_layer()
-    except ValueError:  # no parallel kernel has run yet in this process
-        layer = None
-    return contextlib.nullcontext() if layer in ("omp", "tbb") else _WORKQUEUE_LOCK
+def _parallel_section(parallel: bool = True):
+    """Around a call that may launch parallel kernels: Numba's thread pool started first, the way
+    ``threads.starting_pool`` describes, and the call serialised under Numba's workqueue layer (see
+    ``_WORKQUEUE_LOCK``)."""
+    if not parallel:
+        return contextlib.nullcontext()
+    threads.start_pool()
+    return contextlib.nullcontext() if numba.threading_layer() in ("omp", "tbb") else _WORKQUEUE_LOCK
 
 
 class Residuals(NamedTuple):
     """What the forward pass leaves for the backward pass, ``O(B*T*U)`` memory in all.
 
-    - ``log_norm: (B, T, U1)`` compute dtype: log-sum-exp of each row (0 without fused log-softmax);
+    - ``log_norm: (B, T, U1)`` compute dtype: the shift of each row's log-sum-exp, a logit of the frame
+      (0 without fused log-softmax); the rest, ``log(sum_v exp(x_v - shift))``, is kept exactly in
+      ``log_blank`` (:func:`log_normalizers`);
     - ``log_blank: (B, T, U1)`` float64: log-probability of the blank at ``(b, t, u)``;
     - ``log_emit: (B, T, U1)`` float64: log-probability of label ``targets[b, u]`` at ``(b, t, u)``;
     - ``alphas: (B, T, U1)`` float64: forward variables;
@@ -195,16 +203,29 @@ _SUM_LOW = 1e-20
 _SUM_HIGH = 1e30
 
 
+@njit(**_JIT)
+def _log_prob(x, shift, log_sum):
+    """``(x - shift) - log_sum`` in float64, in this order (:func:`fence`): ``x - (shift + log_sum)``
+    loses ``log_sum`` next to a large shift (rows of -1e20 came out with log-probabilities of 0)."""
+    return fence(np.float64(x) - np.float64(shift)) - log_sum
+
+
 @njit(parallel=True, **_JIT)
 def log_normalizers(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax,
                     log_norm, log_blank, log_emit):
-    """Pass 1: per-row log-normaliser and the blank/label log-probabilities the lattice uses.
+    """Pass 1: per-row shift of the log-normaliser and the blank/label log-probabilities the lattice uses.
+
+    Each row's log-sum-exp is kept in two parts, a shift (a logit of the frame, in the compute dtype,
+    stored in ``log_norm``) and ``log_sum = log(sum_v exp(x_v - shift))``: the log-probabilities are
+    ``(x - shift) - log_sum`` in float64, exact for any finite logits, whereas the rounded sum
+    ``shift + log_sum`` would lose ``log_sum`` next to a large shift. ``log_sum`` itself is not stored: the
+    gradient pass recovers it from ``log_blank`` (see ``_PIVOT_LIMIT``).
 
     The rows of one frame share its encoder output, so their maxima are close: each row's sum of exps is
     shifted by the maximum of the frame's first row instead of its own maximum, which saves a pass over
     the row. A row whose sum leaves ``[_SUM_LOW, _SUM_HIGH]`` (a very different range, infinities, NaN)
-    is summed again with its own maximum. The sums of a frame are taken before their logs so that the
-    rows do not wait for each other's scalar ``log``.
+    is summed again with its own maximum as its shift. The sums of a frame are taken before their logs so
+    that the rows do not wait for each other's scalar ``log``.
     """
     B, T, U1, V = logits.shape
     for bt in prange(B * T):
@@ -214,24 +235,31 @@ def log_normalizers(logits, targets, logit_lengths, target_lengths, blank, fused
             continue
         U_b = target_lengths[b]
         norms = log_norm[b, t]
-        shift = _row_max(logits[b, t, 0]) if fused_log_softmax else load(logits[b, t, 0], 0)
+        frame_shift = _row_max(logits[b, t, 0]) if fused_log_softmax else cast_like(0.0, log_norm)
         if fused_log_softmax:
             for u in range(U_b + 1):
-                norms[u] = _sum_of_exp(logits[b, t, u], shift, log_norm)
+                norms[u] = _sum_of_exp(logits[b, t, u], frame_shift, log_norm)
         for u in range(U_b + 1):
             row = logits[b, t, u]
-            lse = 0.0  # float64: the lattice's log-probabilities keep the digits the compute dtype drops
+            shift = frame_shift
+            log_sum = 0.0  # float64: the lattice's log-probabilities keep the digits the compute dtype drops
             if fused_log_softmax:
                 s = norms[u]
                 if s >= _SUM_LOW and s <= _SUM_HIGH:
-                    lse = np.float64(shift) + math.log(np.float64(s))
+                    log_sum = math.log(np.float64(s))
                 else:
-                    m = _row_max(row)
-                    # a row with every entry masked stays at -inf instead of becoming NaN
-                    lse = m if m == -np.inf else np.float64(m) + math.log(np.float64(_sum_of_exp(row, m, log_norm)))
-            norms[u] = lse
-            log_blank[b, t, u] = np.float64(load(row, blank)) - lse
-            log_emit[b, t, u] = np.float64(load(row, targets[b, u])) - lse if u < U_b else -np.inf
+                    shift = _row_max(row)  # -inf for a row with every entry masked: its utterance is NaN
+                    log_sum = math.log(np.float64(_sum_of_exp(row, shift, log_norm)))
+            norms[u] = shift
+            log_blank[b, t, u] = _log_prob(load(row, blank), shift, log_sum)
+            log_emit[b, t, u] = _log_prob(load(row, targets[b, u]), shift, log_sum) if u < U_b else -np.inf
+
+
+# The gradient pass recovers a row's log_sum as (x_blank - shift) - log_blank, exact up to the rounding of
+# the float64 log_blank and x_blank - shift, about |log_blank| * 2**-52: trusted while |log_blank| <= 2**10
+# (an error below 3e-13, also for float64 logits). Rows whose blank is masked or has a probability below
+# e**-1024 recompute their own maximum and sum instead (two more passes over those rows).
+_PIVOT_LIMIT = 2.0**10
 
 
 @njit
@@ -306,7 +334,8 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, fused_log_s
     With P_blank and P_label the posteriors of the blank and label transitions out of ``(t, u)``, the
     gradient w.r.t. the log-probabilities is ``-P_blank`` at the blank and ``-(1 + lambda) * P_label`` at
     the label (both when they coincide); through the fused log-softmax every entry also gets
-    ``softmax_v * (P_blank + (1 + lambda) * P_label)``.
+    ``softmax_v * (P_blank + (1 + lambda) * P_label)``, with ``softmax_v = exp(x_v - shift) / sum`` (the
+    blank and label entries from the lattice's log-probabilities).
     """
     B, T, U1, V = logits.shape
     emit_weight = 1.0 + fastemit_lambda
@@ -339,22 +368,33 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, fused_log_s
             row = logits[b, t, u]
             if fused_log_softmax:
                 occupancy = p_blank + emit
-                norm = log_norm[b, t, u]  # in the compute dtype: float32 for 16-bit logits
+                # softmax = exp(x - shift) / sum: x - shift is exact-ish whatever the logits' common offset
+                # (the rounded log-sum-exp is not), see log_normalizers. exp(x - shift) cannot overflow:
+                # a shift shared by the frame is only kept for rows whose sum is at most _SUM_HIGH.
+                shift = log_norm[b, t, u]
+                lb = log_blank[b, t, u]
+                if abs(lb) <= _PIVOT_LIMIT:  # log(sum) = (x_blank - shift) - log_blank
+                    inv_sum = math.exp(-_log_prob(load(row, blank), shift, lb))
+                else:  # a masked or hopeless blank (rare): the row's own maximum and sum
+                    shift = _row_max(row)
+                    inv_sum = 1.0 / np.float64(_sum_of_exp(row, shift, log_norm))
                 if clamp > 0:
-                    occ = cast_like(occupancy, log_norm)
+                    occ = cast_like(occupancy * inv_sum, log_norm)
                     lim = cast_like(limit, log_norm)
                     sc = cast_like(scale, log_norm)
                     for v in range(V):
-                        x = fast_exp(load(row, v) - norm) * occ
+                        x = fast_exp(load(row, v) - shift) * occ
                         x = lim if x > lim else x
                         x = -lim if x < -lim else x
                         store(g, v, x * sc)
                 else:  # the common case, one multiply per entry (10-15% faster pass)
-                    weight = cast_like(occupancy * scale, log_norm)
+                    weight = cast_like(occupancy * inv_sum * scale, log_norm)
                     for v in range(V):
-                        store(g, v, fast_exp(load(row, v) - norm) * weight)
-                g_blank = math.exp(load(row, blank) - norm) * occupancy - p_blank
-                g_label = math.exp(load(row, label) - norm) * occupancy - emit
+                        store(g, v, fast_exp(load(row, v) - shift) * weight)
+                # the blank and the label from the lattice's log-probabilities, exponentiated in the compute
+                # dtype (a float32 exp is cheaper; its absolute error exp(lp) * |lp| * eps is at most eps)
+                g_blank = math.exp(cast_like(lb, log_norm)) * occupancy - p_blank
+                g_label = math.exp(cast_like(log_emit[b, t, u], log_norm)) * occupancy - emit if u < U_b else 0.0
             else:
                 g[:] = 0
                 g_blank = -p_blank
@@ -366,15 +406,68 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, fused_log_s
                 store(g, label, min(max(g_label, -limit), limit) * scale)
 
 
+def _serial_variant(kernel):
+    """``kernel`` compiled without ``parallel=True`` (its ``prange`` runs as ``range``): the same rows, each
+    computed in the same order, hence the same bits. Its own name keeps Numba's on-disk cache entries of the
+    two variants apart (Numba's cache index does not tell compile options apart)."""
+    func = kernel.py_func
+    serial = types.FunctionType(func.__code__, func.__globals__, f"{func.__name__}_serial", func.__defaults__,
+                                func.__closure__)
+    serial.__qualname__ = serial.__name__
+    serial.__module__ = func.__module__
+    serial.__doc__ = f"Serial variant of :func:`{func.__name__}` (same arguments, same results)."
+    return njit(**_JIT)(serial)
+
+
+log_normalizers_serial = _serial_variant(log_normalizers)
+alphas_and_costs_serial = _serial_variant(alphas_and_costs)
+betas_serial = _serial_variant(betas)
+gradients_serial = _serial_variant(gradients)
+
+
+def _choose(logits: np.ndarray, lattice: np.ndarray) -> tuple[int, int]:
+    """Threads for the logits passes and for the lattice passes (1: the serial kernel; see ``threads``).
+
+    ``logits: (B, T, U1, V)``; ``lattice: (B, T, U1)``, one of the residuals."""
+    rows = threads.thread_count(logits.size, threads.PARALLEL_MIN_ELEMENTS)
+    cells = threads.thread_count(lattice.size, threads.PARALLEL_MIN_CELLS, batch=lattice.shape[0])
+    return rows, cells
+
+
+def _section(entry: str, rows: int, cells: int) -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    stack.enter_context(_parallel_section(max(rows, cells) > 1))
+    stack.enter_context(_start_up_section(f"{entry}/{min(rows, 2)}/{min(cells, 2)}"))  # variants loaded
+    return stack
+
+
+def _launch(parallel_kernel, serial_kernel, count: int, *args) -> None:
+    """``serial_kernel(*args)`` for ``count == 1``, else ``parallel_kernel(*args)`` on ``count`` threads."""
+    if count == 1:
+        serial_kernel(*args)
+        return
+    before = numba.get_num_threads()  # per calling thread in Numba
+    if count != before:
+        numba.set_num_threads(count)
+    try:
+        parallel_kernel(*args)
+    finally:
+        if count != before:
+            numba.set_num_threads(before)
+
+
 def forward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray, target_lengths: np.ndarray,
             blank: int, fused_log_softmax: bool, fastemit_lambda: float,
             costs: np.ndarray, residuals: Residuals) -> None:
     """Costs ``(B,)`` into ``costs`` and the forward residuals into ``residuals`` (caller-allocated)."""
-    with _parallel_section(), _start_up_section("forward"):
-        log_normalizers(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax,
-                        residuals.log_norm, residuals.log_blank, residuals.log_emit)
-        alphas_and_costs(residuals.log_blank, residuals.log_emit, logit_lengths, target_lengths,
-                         fastemit_lambda, residuals.alphas, residuals.log_likelihood, costs)
+    rows, cells = _choose(logits, residuals.alphas)
+    with _section("forward", rows, cells):
+        _launch(log_normalizers, log_normalizers_serial, rows,
+                logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax,
+                residuals.log_norm, residuals.log_blank, residuals.log_emit)
+        _launch(alphas_and_costs, alphas_and_costs_serial, cells,
+                residuals.log_blank, residuals.log_emit, logit_lengths, target_lengths,
+                fastemit_lambda, residuals.alphas, residuals.log_likelihood, costs)
 
 
 def backward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray, target_lengths: np.ndarray,
@@ -383,8 +476,11 @@ def backward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray,
     """Gradient w.r.t. ``logits`` into ``grads`` (same shape and dtype), each utterance's gradient clamped
     and then multiplied by ``grad_scale: (B,) float64``. Allocates only the ``(B, T, U1)`` betas."""
     beta = np.empty_like(residuals.alphas)
-    with _parallel_section(), _start_up_section("backward"):
-        betas(residuals.log_blank, residuals.log_emit, logit_lengths, target_lengths, beta)
-        gradients(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, fastemit_lambda,
-                  clamp, grad_scale, residuals.log_norm, residuals.log_blank, residuals.log_emit,
-                  residuals.alphas, beta, residuals.log_likelihood, grads)
+    rows, cells = _choose(logits, residuals.alphas)
+    with _section("backward", rows, cells):
+        _launch(betas, betas_serial, cells,
+                residuals.log_blank, residuals.log_emit, logit_lengths, target_lengths, beta)
+        _launch(gradients, gradients_serial, rows,
+                logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, fastemit_lambda,
+                clamp, grad_scale, residuals.log_norm, residuals.log_blank, residuals.log_emit,
+                residuals.alphas, beta, residuals.log_likelihood, grads)

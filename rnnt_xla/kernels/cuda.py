@@ -10,20 +10,22 @@ arrays); they are used in place, never copied. Every launch goes on the caller's
 Kernels (``B`` batch, ``T`` max frames, ``U1 = U + 1`` label positions, ``V`` vocabulary):
 
 1. :func:`log_normalizers`: one block per ``(b, t, u)`` row, threads strided over ``V`` (coalesced), the row
-   maximum and the sum of exponentials reduced through shared memory; thread 0 writes the row's
-   log-normaliser and its blank and next-label log-probabilities. Rows outside an utterance are skipped.
+   maximum and the sum of exponentials reduced through shared memory; thread 0 writes the row's shift
+   (its maximum) and its blank and next-label log-probabilities. Rows outside an utterance are skipped.
 2. :func:`alphas_and_costs`: one block per utterance, threads over ``u``, a wavefront over the
    anti-diagonals ``t + u = n`` (every cell of a diagonal depends only on the previous one), one
    ``syncthreads`` per diagonal; thread 0 then writes ``log P(y|x)`` and the cost.
 3. :func:`betas`: the same wavefront, backwards.
 4. :func:`gradients`: one block per ``(b, t, u)`` row, threads strided over ``V``: thread 0 computes the
-   row's two transition posteriors and shares them through shared memory, then each thread writes its
-   entries once, clamped and scaled. Padded rows are written with exact zeros.
+   row's two transition posteriors and softmax weight and shares them through shared memory, then each
+   thread writes its entries once, clamped and scaled. Padded rows are written with exact zeros.
 
 Precision, as in the CPU kernels: the passes over ``V`` compute in float64 for float64 logits and in float32
 for float32, float16 and bfloat16 logits (16-bit logits are read element by element and their gradient is
-rounded back to 16 bits); the lattice (residuals, alphas, betas, posteriors) is float64. Only the
-gradient buffer is ``B*T*U1*V``; the backward pass needs one ``(B, T, U1)`` float64 workspace for the betas.
+rounded back to 16 bits); the lattice (residuals, alphas, betas, posteriors) is float64. As on the CPU, a
+row's log-normaliser is kept as its shift and the log of its sum, never as their rounded sum, so that
+logits far from 0 lose no accuracy. Only the gradient buffer is ``B*T*U1*V``; the backward pass needs one
+``(B, T, U1)`` float64 workspace for the betas.
 
 ``numba.cuda`` is imported on first use, so this module imports without numba-cuda or a GPU. Kernels are
 compiled on first launch for each logits dtype (and index dtype), then cached by Numba for the process.
@@ -37,7 +39,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .cpu import Residuals, residual_shapes
+from .cpu import _PIVOT_LIMIT, Residuals, residual_shapes
 
 __all__ = [
     "Residuals",
@@ -229,9 +231,30 @@ def _python_kernels(dtype: np.dtype) -> _Kernels:
             return a
         return a + math.log1p(math.exp(b - a))
 
+    @cuda.jit(device=True, inline="always")
+    def row_max(row, scratch):
+        """Maximum of a row (threads strided over ``V``), returned to every thread of the block."""
+        m = load(row[0])
+        for v in range(cuda.threadIdx.x, row.shape[0], cuda.blockDim.x):
+            x = load(row[v])
+            if x > m:
+                m = x
+        return block_max(m, scratch)
+
+    @cuda.jit(device=True, inline="always")
+    def row_sum_of_exp(row, shift, scratch):
+        """``sum_v exp(row[v] - shift)`` in the compute dtype, returned to every thread of the block."""
+        s = float_t(0)
+        for v in range(cuda.threadIdx.x, row.shape[0], cuda.blockDim.x):
+            s += math.exp(load(row[v]) - shift)
+        return block_sum(s, scratch)
+
     def log_normalizers(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax,
                         log_norm, log_blank, log_emit):
-        """Pass 1, grid ``B*T*U1`` blocks: log-normaliser, blank and label log-probabilities of a row."""
+        """Pass 1, grid ``B*T*U1`` blocks: a row's shift (its maximum) and its blank and label
+        log-probabilities ``(x - shift) - log(sum_v exp(x_v - shift))`` in float64, exact for any finite
+        logits (the rounded ``shift + log(sum)`` loses the log next to a large shift). As on the CPU the
+        log of the sum is not stored: the gradient recovers it from ``log_blank``."""
         scratch = cuda.shared.array(_MAX_ROW_THREADS, float_t)
         B, T, U1, V = logits.shape
         row_id = cuda.blockIdx.x
@@ -241,28 +264,20 @@ def _python_kernels(dtype: np.dtype) -> _Kernels:
         U_b = target_lengths[b]
         if t >= logit_lengths[b] or u > U_b:  # the whole block leaves: no syncthreads is skipped
             return
-        tid = cuda.threadIdx.x
-        threads = cuda.blockDim.x
         row = logits[b, t, u]
-        lse = float_t(0)
+        shift = float_t(0)
+        log_sum = 0.0
         if fused_log_softmax:
-            m = load(row[0])
-            for v in range(tid, V, threads):
-                x = load(row[v])
-                if x > m:
-                    m = x
-            m = block_max(m, scratch)
-            if m == neg_inf:  # every entry masked: keep the row at -inf instead of NaN
-                lse = m
+            shift = row_max(row, scratch)
+            if shift != neg_inf:  # every entry masked: the log-probabilities are NaN (the utterance's cost)
+                log_sum = math.log(np.float64(row_sum_of_exp(row, shift, scratch)))
+        if cuda.threadIdx.x == 0:
+            log_norm[b, t, u] = shift
+            log_blank[b, t, u] = (np.float64(load(row[blank])) - np.float64(shift)) - log_sum
+            if u < U_b:
+                log_emit[b, t, u] = (np.float64(load(row[targets[b, u]])) - np.float64(shift)) - log_sum
             else:
-                s = float_t(0)
-                for v in range(tid, V, threads):
-                    s += math.exp(load(row[v]) - m)
-                lse = m + math.log(block_sum(s, scratch))
-        if tid == 0:
-            log_norm[b, t, u] = lse
-            log_blank[b, t, u] = np.float64(load(row[blank])) - lse
-            log_emit[b, t, u] = np.float64(load(row[targets[b, u]])) - lse if u < U_b else neg_inf
+                log_emit[b, t, u] = neg_inf
 
     def alphas_and_costs(log_blank, log_emit, logit_lengths, target_lengths, fastemit_lambda,
                          alphas, log_likelihood, costs):
@@ -331,45 +346,58 @@ def _python_kernels(dtype: np.dtype) -> _Kernels:
             for v in range(tid, V, threads):
                 g[v] = store(float_t(0))
             return
-        # The row's two transition posteriors (float64), computed once by thread 0 and shared: float64
-        # exponentials are slow on most GPUs.
-        posteriors = cuda.shared.array(2, np.float64)
+        # Thread 0 computes the row's float64 terms once and shares them (float64 exponentials are slow on
+        # most GPUs): the blank and label entries, the softmax weight occupancy / sum and whether that sum
+        # could be recovered from the blank's log-probability (``cpu._PIVOT_LIMIT``).
+        terms = cuda.shared.array(4, np.float64)
+        scratch = cuda.shared.array(_MAX_ROW_THREADS, float_t)
+        row = logits[b, t, u]
+        shift = log_norm[b, t, u]
+        label = targets[b, u] if u < U_b else blank
         if tid == 0:
             ll = log_likelihood[b]
             alpha = alphas[b, t, u]
+            lb = log_blank[b, t, u]
             if t < T_b - 1:
-                posteriors[0] = math.exp(alpha + log_blank[b, t, u] + betas[b, t + 1, u] - ll)
+                p_blank = math.exp(alpha + lb + betas[b, t + 1, u] - ll)
             elif u == U_b:  # the final blank, which ends the lattice
-                posteriors[0] = math.exp(alpha + log_blank[b, t, u] - ll)
+                p_blank = math.exp(alpha + lb - ll)
             else:
-                posteriors[0] = 0.0
+                p_blank = 0.0
+            emit = 0.0  # FastEmit-weighted
             if u < U_b:
-                p_label = math.exp(alpha + log_emit[b, t, u] + betas[b, t, u + 1] - ll)
-                posteriors[1] = (1.0 + fastemit_lambda) * p_label
+                emit = (1.0 + fastemit_lambda) * math.exp(alpha + log_emit[b, t, u] + betas[b, t, u + 1] - ll)
+            recovered = 1.0
+            if fused_log_softmax:
+                occupancy = p_blank + emit
+                # from the lattice's log-probabilities, exponentiated in the compute dtype (as on the CPU)
+                g_blank = math.exp(float_t(lb)) * occupancy - p_blank
+                g_label = math.exp(float_t(log_emit[b, t, u])) * occupancy - emit if u < U_b else 0.0
+                if abs(lb) <= _PIVOT_LIMIT:  # 1 / sum = exp(-log_sum), log_sum = (x_blank - shift) - log_blank
+                    terms[2] = occupancy * math.exp(lb - (np.float64(load(row[blank])) - np.float64(shift)))
+                else:
+                    terms[2] = occupancy  # divided by the recomputed sum below
+                    recovered = 0.0
             else:
-                posteriors[1] = 0.0
+                g_blank = -p_blank
+                g_label = -emit
+                terms[2] = 0.0
+            if u < U_b and label == blank:  # a label equal to blank: both transitions use the entry
+                g_blank -= emit
+            terms[0] = g_blank
+            terms[1] = g_label
+            terms[3] = recovered
         cuda.syncthreads()  # the block leaves above as a whole or not at all
-        p_blank = posteriors[0]
-        emit = posteriors[1]  # FastEmit-weighted
-        label = targets[b, u] if u < U_b else blank
+        weight = terms[2]
+        if terms[3] == 0.0:  # the same for the whole block: a masked or absurdly unlikely blank
+            shift = row_max(row, scratch)
+            weight /= np.float64(row_sum_of_exp(row, shift, scratch))
         limit = clamp if clamp > 0 else math.inf
-        row = logits[b, t, u]
-        norm = log_norm[b, t, u]
-        if fused_log_softmax:
-            occupancy = p_blank + emit
-            g_blank = math.exp(load(row[blank]) - norm) * occupancy - p_blank
-            g_label = math.exp(load(row[label]) - norm) * occupancy - emit
-        else:
-            occupancy = 0.0
-            g_blank = -p_blank
-            g_label = -emit
-        if u < U_b and label == blank:  # a label equal to blank: both transitions use the entry
-            g_blank -= emit
         scale = grad_scale[b]
-        blank_value = store(float_t(min(max(g_blank, -limit), limit) * scale))
-        label_value = store(float_t(min(max(g_label, -limit), limit) * scale))
+        blank_value = store(float_t(min(max(terms[0], -limit), limit) * scale))
+        label_value = store(float_t(min(max(terms[1], -limit), limit) * scale))
         label_entry = label if u < U_b and label != blank else -1
-        occ = float_t(occupancy)
+        occ = float_t(weight)
         lim = float_t(limit)
         sc = float_t(scale)
         for v in range(tid, V, threads):
@@ -378,7 +406,7 @@ def _python_kernels(dtype: np.dtype) -> _Kernels:
             elif v == label_entry:
                 g[v] = label_value
             elif fused_log_softmax:
-                x = math.exp(load(row[v]) - norm) * occ
+                x = math.exp(load(row[v]) - shift) * occ
                 g[v] = store(min(max(x, -lim), lim) * sc)
             else:
                 g[v] = store(float_t(0))

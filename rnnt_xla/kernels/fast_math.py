@@ -3,10 +3,12 @@
 Numba from pip has no SVML, so ``math.exp`` inside a loop stays a scalar libm call. :func:`fast_exp`
 on float32 is written in plain arithmetic (Cephes' ``expf``: range reduction, a degree-6 polynomial and
 ``2**n`` assembled from exponent bits), which LLVM turns into SIMD code; on float64 it is ``math.exp``.
-Its error is below 2 ulp on the range the loss uses (arguments <= 0).
+Its error is below 2 ulp on the range the loss uses (arguments up to 70: the shifts of the
+softmax keep ``x - shift <= log(1e30)``); from 88.38 on it returns +inf.
 
-Also here: :func:`cast_like` (a value in an array's element type, for dtype-generic kernels) and
-:func:`load`/:func:`store`, which read and write float16/bfloat16 logits and gradients stored as raw bits.
+Also here: :func:`cast_like` (a value in an array's element type, for dtype-generic kernels),
+:func:`load`/:func:`store`, which read and write float16/bfloat16 logits and gradients stored as raw bits, and
+:func:`fence`, which keeps the kernels' fast-math reassociation away from a value.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-__all__ = ["fast_exp", "cast_like", "load", "store"]
+__all__ = ["fast_exp", "cast_like", "load", "store", "fence"]
 
 _LOG2E = np.float32(1.44269504088896341)
 _LN2_HI = np.float32(0.693359375)
@@ -47,6 +49,26 @@ def _float32_from_bits(typingctx, bits):
         return builder.bitcast(args[0], ir.FloatType())
 
     return types.float32(types.int32), codegen
+
+
+@intrinsic
+def fence(typingctx, x):
+    """``x`` itself, as a value the optimiser cannot reassociate through (``llvm.arithmetic.fence``).
+
+    The kernels are compiled with fast-math reassociation (for vectorised sums), and a callee compiled
+    without it still has its arithmetic merged with the caller's: ``fence(a - b) - c`` is the only reliable
+    way to keep LLVM from rewriting ``(a - b) - c`` as ``a - (b + c)``, whose rounded ``b + c`` loses ``c``
+    next to a large ``b``. Scalar use only (it stops a loop from being vectorised).
+    """
+    if not isinstance(x, types.Float):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ty = args[0].type
+        intrinsic_fn = builder.module.declare_intrinsic("llvm.arithmetic.fence", [ty], ir.FunctionType(ty, [ty]))
+        return builder.call(intrinsic_fn, args)
+
+    return x(x), codegen
 
 
 def fast_exp(x):  # pragma: no cover - replaced by the overload inside jitted code
