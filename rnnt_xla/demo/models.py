@@ -81,21 +81,6 @@ def _one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-@contextmanager
-def _one_numba_thread() -> Iterator[None]:
-    """The loss of these small batches takes about a millisecond on one thread; more Numba (OpenMP) workers
-    gain nothing there and, waiting for work between the loss calls, slow the model's own computation
-    several times over on a small or busy machine."""
-    import numba
-
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(threads)
-
-
 def torch_transducer(vocab_size: int, feature_dim: int, config: ModelConfig = ModelConfig()) -> torch.nn.Module:
     """A ``TorchTransducer`` (defined here so that importing this module does not need torch)."""
     import torch
@@ -187,7 +172,7 @@ def train_torch(task: Task, steps: int, config: ModelConfig = ModelConfig(), *, 
     optimizer = torch.optim.Adam(model.parameters(), lr=float(rates[0]))
     rng = np.random.default_rng(seed)
     losses = []
-    with _one_torch_thread(), _one_numba_thread():
+    with _one_torch_thread():
         for step in range(steps):
             for group in optimizer.param_groups:
                 group["lr"] = float(rates[step])
@@ -321,8 +306,6 @@ def train_jax(task: Task, steps: int, config: ModelConfig = ModelConfig(), *, se
 
     rng = np.random.default_rng(seed)  # the same batches as train_torch
     losses = []
-    # (No _one_numba_thread here: Numba's thread count is per calling thread, and XLA runs the loss's
-    # callbacks on threads of its own.)
     for step in range(steps):
         batch = task.sample(rng, config.batch_size)
         lengths = encoded_lengths(batch.frame_lengths, config.strides)
