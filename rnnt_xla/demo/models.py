@@ -3,9 +3,9 @@
 The model is a small complete transducer: an encoder (width-3 convolutions, strided to subsample time,
 then a GRU, bidirectional for speech) over the frames, a prediction network (embedding + GRU) over the
 previous labels, started with the blank as a BOS token, and a joiner ``Linear(tanh(enc[:, :, None] +
-pred[:, None]))`` that scores every (frame, label position) pair. Both frameworks get the same batches,
-the same learning-rate schedule and gradient clipping; the decoder is the shared numpy code of
-:mod:`rnnt_xla.demo.decoding`.
+pred[:, None]))`` that scores every (frame, label position) pair. Both frameworks get the same
+initialisation scheme (Flax's defaults), the same batches, learning-rate schedule and gradient clipping;
+the decoder is the shared numpy code of :mod:`rnnt_xla.demo.decoding`.
 """
 
 from __future__ import annotations
