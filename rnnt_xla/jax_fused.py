@@ -61,8 +61,9 @@ def _f64_type(shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(shape) + (2,), jnp.uint32)
 
 
-def _indices(targets, logit_lengths, target_lengths) -> list[np.ndarray]:
-    return [np.asarray(a).astype(np.int64) for a in (targets, logit_lengths, target_lengths)]
+def _indices(*buffers) -> list[np.ndarray]:
+    """int64 copies of index buffers (the kernels are compiled for int64)."""
+    return [np.asarray(a).astype(np.int64) for a in buffers]
 
 
 def _instances(buffers, ranks):
@@ -121,7 +122,7 @@ class _Lattice:
 
     def one(self, loss, alphas, log_likelihood, log_blank_buf, log_emit_buf, frames_buf, labels_buf) -> None:
         options = self.options
-        _, frames, labels = _indices(np.zeros((0,)), frames_buf, labels_buf)
+        frames, labels = _indices(frames_buf, labels_buf)
         costs = np.empty(options.shape.batch, dtype=np.asarray(loss).dtype)
         residuals = cpu.Residuals(None, _f64(log_blank_buf), _f64(log_emit_buf), _f64(alphas), _f64(log_likelihood))
         cpu.lattice_forward(frames, labels, options.fastemit_lambda, residuals, costs)
@@ -139,7 +140,7 @@ class _Betas:
             self.one(*arrays)
 
     def one(self, betas, log_blank_buf, log_emit_buf, frames_buf, labels_buf) -> None:
-        _, frames, labels = _indices(np.zeros((0,)), frames_buf, labels_buf)
+        frames, labels = _indices(frames_buf, labels_buf)
         residuals = cpu.Residuals(None, _f64(log_blank_buf), _f64(log_emit_buf), None, None)
         cpu.lattice_backward(frames, labels, residuals, _f64(betas))
 
