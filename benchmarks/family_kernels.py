@@ -1,0 +1,120 @@
+"""CPU kernel speed of the multi-blank loss and the RNNT variants (rnnt_type, delay_penalty) against the
+regular RNNT, on numpy arrays (no framework): median seconds of forward, backward and both.
+
+    python benchmarks/family_kernels.py                       # every case at (8, 200, 50, 256)
+    python benchmarks/family_kernels.py --regular-only --shape 16,150,40,1024 --repeats 7
+    python benchmarks/family_kernels.py --out results/family_kernels_vm.json
+
+``--regular-only`` imports nothing but ``cpu.forward``/``cpu.backward`` with their original arguments, so it
+also times an older checkout (``PYTHONPATH=/path/to/old/tree``) for a before/after comparison of the regular
+path. Multi-blank cases use ``V + K`` entries per row (the big blanks added to the vocabulary), blank last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+
+
+def problem(B: int, T: int, U: int, V: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((B, T, U + 1, V)).astype(np.float32)
+    targets = rng.integers(0, V - 4, size=(B, U)).astype(np.int64)  # never a blank or big blank
+    return logits, targets, np.full(B, T, np.int64), np.full(B, U, np.int64)
+
+
+def time_case(run_fwd, run_bwd, repeats: int) -> dict[str, float]:
+    run_fwd()
+    run_bwd()  # compile / load, warm the pages
+    fwd, bwd = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run_fwd()
+        t1 = time.perf_counter()
+        run_bwd()
+        t2 = time.perf_counter()
+        fwd.append(t1 - t0)
+        bwd.append(t2 - t1)
+    return {"fwd": statistics.median(fwd), "bwd": statistics.median(bwd),
+            "fwd_bwd": statistics.median(f + b for f, b in zip(fwd, bwd))}
+
+
+def rnnt_case(shape, repeats: int, **variant) -> dict[str, float]:
+    from rnnt_xla.kernels import cpu
+
+    B, T, U, V = shape
+    logits, targets, frames, labels = problem(B, T, U, V)
+    res = cpu.allocate_residuals(B, T, U + 1, logits.dtype)
+    costs = np.empty(B, np.float32)
+    scale = np.full(B, 1.0 / B)
+
+    def fwd():
+        cpu.forward(logits, targets, frames, labels, V - 1, True, 0.0, costs, res, **variant)
+
+    def bwd():
+        cpu.backward(logits, targets, frames, labels, V - 1, True, 0.0, -1.0, scale, res, np.empty_like(logits),
+                     **variant)
+
+    return time_case(fwd, bwd, repeats)
+
+
+def multiblank_case(shape, repeats: int, durations=(2, 4, 8), sigma: float = 0.05) -> dict[str, float]:
+    from rnnt_xla.kernels import cpu_multiblank
+
+    B, T, U, V = shape
+    K = len(durations)
+    logits, targets, frames, labels = problem(B, T, U, V + K)
+    d = np.asarray(durations, np.int64)
+    res = cpu_multiblank.allocate_residuals(B, T, U + 1, K, logits.dtype)
+    costs = np.empty(B, np.float32)
+    scale = np.full(B, 1.0 / B)
+
+    def fwd():
+        cpu_multiblank.forward(logits, targets, frames, labels, V + K - 1, d, sigma, 0.0, costs, res)
+
+    def bwd():
+        cpu_multiblank.backward(logits, targets, frames, labels, V + K - 1, d, sigma, 0.0, -1.0, scale, res,
+                                np.empty_like(logits))
+
+    return time_case(fwd, bwd, repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="8,200,50,256")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--regular-only", action="store_true")
+    parser.add_argument("--out", default=None, help="JSON file for the results")
+    args = parser.parse_args()
+    shape = tuple(int(x) for x in args.shape.split(","))
+    cases = {"rnnt regular": lambda: rnnt_case(shape, args.repeats)}
+    if not args.regular_only:
+        cases.update({
+            "multi-blank [2,4,8], sigma 0.05": lambda: multiblank_case(shape, args.repeats),
+            "rnnt modified": lambda: rnnt_case(shape, args.repeats, rnnt_type="modified"),
+            "rnnt constrained": lambda: rnnt_case(shape, args.repeats, rnnt_type="constrained"),
+            "rnnt regular, delay_penalty 0.1": lambda: rnnt_case(shape, args.repeats, delay_penalty=0.1),
+            "rnnt modified, delay_penalty 0.1": lambda: rnnt_case(shape, args.repeats, rnnt_type="modified",
+                                                                  delay_penalty=0.1),
+        })
+    results = {}
+    print(f"shape (B, T, U, V) = {shape}, median of {args.repeats}, float32, {os.cpu_count()} CPUs")
+    print(f"{'case':36s} {'fwd ms':>9s} {'bwd ms':>9s} {'fwd+bwd ms':>11s} {'vs regular':>10s}")
+    for name, run in cases.items():
+        results[name] = r = run()
+        ratio = r["fwd_bwd"] / results["rnnt regular"]["fwd_bwd"]
+        print(f"{name:36s} {r['fwd'] * 1e3:9.1f} {r['bwd'] * 1e3:9.1f} {r['fwd_bwd'] * 1e3:11.1f} {ratio:9.2f}x")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"shape": shape, "repeats": args.repeats, "host": platform.node(), "cpus": os.cpu_count(),
+                       "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
