@@ -188,7 +188,7 @@ def multiblank_problems(draw):
     return Problem(logits, targets, logit_lengths, target_lengths, blank), durations, options
 
 
-@settings(max_examples=150, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(multiblank_problems())
 def test_kernels_match_the_reference(case):
     p, durations, options = case

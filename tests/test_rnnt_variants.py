@@ -215,7 +215,7 @@ def variant_problems(draw):
     return Problem(logits.astype(dtype), targets, logit_lengths, target_lengths, draw(st.integers(-V, V - 1))), options
 
 
-@settings(max_examples=150, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(variant_problems())
 def test_kernels_match_the_reference(case):
     p, options = case
@@ -314,5 +314,6 @@ def test_regular_arguments_run_the_regular_kernels(monkeypatch):
     assert calls == []
     variant = run_kernels(p, delay_penalty=1e-300)  # a penalty too small to change a bit, but a variant
     assert calls == ["_variant_forward", "_variant_backward"]
-    np.testing.assert_allclose(variant[0], regular[0], rtol=1e-6)
-    np.testing.assert_allclose(variant[1], regular[1], atol=1e-6)
+    # the variant kernels do the regular lattice's arithmetic in the same order: the same bits
+    np.testing.assert_array_equal(variant[0], regular[0])
+    np.testing.assert_array_equal(variant[1], regular[1])

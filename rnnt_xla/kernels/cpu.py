@@ -665,8 +665,7 @@ def _softmax_row_gradient(row, g, blank, shift, log_blank, occupancy, clamp, sca
 
     ``shift`` and ``log_blank`` are the row's ``log_norm`` and blank log-probability from pass 1 (the
     normaliser is recovered from them as in :func:`gradients`); ``like`` an array of the compute dtype.
-    Written for the variant and multi-blank kernels; the same loop as in :func:`gradients` (to be replaced by
-    the shared gradient writer once there is one).
+    Written for the variant and multi-blank kernels: the same loop as in :func:`gradients`.
     """
     V = row.shape[0]
     if abs(log_blank) <= _PIVOT_LIMIT:  # log(sum) = (x_blank - shift) - log_blank
@@ -689,6 +688,34 @@ def _softmax_row_gradient(row, g, blank, shift, log_blank, occupancy, clamp, sca
             store(g, v, fast_exp(load(row, v) - shift) * weight)
 
 
+@njit(**_JIT)
+def _variant_row_gradient(row, g, blank, label, has_label, fused_log_softmax, shift, log_blank, log_emit,
+                          p_blank, emit, clamp, scale, like):
+    """One row's gradient, clamped and scaled, from the weights of its blank (``p_blank``) and label
+    (``emit``, already times ``1 + lambda``) entries: ``-p_blank`` at the blank and ``-emit`` at the label
+    (both when they coincide), and through the fused log-softmax ``softmax_v * (p_blank + emit)`` everywhere.
+
+    The same computation, in the same order, as the row loop of :func:`gradients` (and with the signature of
+    the shared row writer the TDT kernels factor out of it, which it can be replaced by when both are merged).
+    """
+    limit = clamp if clamp > 0 else np.inf
+    if fused_log_softmax:
+        occupancy = p_blank + emit
+        _softmax_row_gradient(row, g, blank, shift, log_blank, occupancy, clamp, scale, like)
+        # the blank and the label from the lattice's log-probabilities (see gradients)
+        g_blank = math.exp(cast_like(log_blank, like)) * occupancy - p_blank
+        g_label = math.exp(cast_like(log_emit, like)) * occupancy - emit if has_label else 0.0
+    else:
+        g[:] = 0
+        g_blank = -p_blank
+        g_label = -emit
+    if has_label and label == blank:  # a label equal to blank: both arcs use the entry
+        g_blank -= emit
+    store(g, blank, min(max(g_blank, -limit), limit) * scale)
+    if has_label and label != blank:
+        store(g, label, min(max(g_label, -limit), limit) * scale)
+
+
 @njit(parallel=True, **_JIT)
 def gradients_variant(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, fastemit_lambda,
                       clamp, one_symbol_per_frame, context_blank, delay_penalty, grad_scale, log_norm, log_blank,
@@ -701,7 +728,6 @@ def gradients_variant(logits, targets, logit_lengths, target_lengths, blank, fus
     """
     B, T, U1, V = logits.shape
     emit_weight = 1.0 + fastemit_lambda
-    limit = clamp if clamp > 0 else np.inf
     for bt in prange(B * T):
         b = bt // T
         t = bt - b * T
@@ -731,22 +757,8 @@ def gradients_variant(logits, targets, logit_lengths, target_lengths, blank, fus
                 score = _label_score(lb, le, t, u - 1, T_b, True, delay_penalty)
                 p_blank += emit_weight * math.exp(alpha[t, u - 1] + score + _beta_at(beta, t + 1, u, T_b, U_b) - ll)
             label = targets[b, u] if u < U_b else blank
-            row = logits[b, t, u]
-            if fused_log_softmax:
-                occupancy = p_blank + emit
-                _softmax_row_gradient(row, g, blank, log_norm[b, t, u], lb[t, u], occupancy, clamp, scale,
-                                      log_norm)
-                g_blank = math.exp(cast_like(lb[t, u], log_norm)) * occupancy - p_blank
-                g_label = math.exp(cast_like(le[t, u], log_norm)) * occupancy - emit if u < U_b else 0.0
-            else:
-                g[:] = 0
-                g_blank = -p_blank
-                g_label = -emit
-            if u < U_b and label == blank:  # a label equal to blank: both arcs use the entry
-                g_blank -= emit
-            store(g, blank, min(max(g_blank, -limit), limit) * scale)
-            if u < U_b and label != blank:
-                store(g, label, min(max(g_label, -limit), limit) * scale)
+            _variant_row_gradient(logits[b, t, u], g, blank, label, u < U_b, fused_log_softmax, log_norm[b, t, u],
+                                  lb[t, u], le[t, u], p_blank, emit, clamp, scale, log_norm)
 
 
 alphas_and_costs_variant_serial = _serial_variant(alphas_and_costs_variant)
