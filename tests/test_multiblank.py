@@ -260,3 +260,19 @@ def test_residual_shapes():
     assert shapes.log_norm == ((2, 5, 4), np.dtype(np.float32))
     assert shapes.log_big_blanks == ((2, 5, 4, 3), np.dtype(np.float64))
     assert shapes[:5] == tuple(cpu.residual_shapes(2, 5, 4, np.float16))
+
+
+def test_nan_and_masked_entries():
+    """A NaN logit makes only its utterance's cost NaN; a masked (-inf) label entry gets zero gradient."""
+    p = random_problem(np.random.default_rng(9), 3, 8, 3, 10, dtype=np.float32, blank=9)
+    p.logits[1, 0, 0, 8] = np.nan  # the 2-frame big blank of the first row of utterance 1
+    p.logits[2, :, :, 0] = -np.inf
+    p.targets[2] = 1
+    costs, grads = run_kernels(p, [2, 4], sigma=0.05)
+    assert np.isnan(costs[1]) and np.isfinite(costs[[0, 2]]).all()
+    assert (grads[2, ..., 0] == 0).all()
+    ref_costs, ref_grads = multiblank_rnnt_loss_reference(p.logits[[0, 2]], p.targets[[0, 2]],
+                                                          p.logit_lengths[[0, 2]], p.target_lengths[[0, 2]],
+                                                          [2, 4], blank=9, sigma=0.05, reduction="none")
+    np.testing.assert_allclose(costs[[0, 2]], ref_costs, rtol=1e-5)
+    np.testing.assert_allclose(grads[[0, 2]], ref_grads, atol=2e-5, rtol=0)

@@ -317,3 +317,22 @@ def test_regular_arguments_run_the_regular_kernels(monkeypatch):
     # the variant kernels do the regular lattice's arithmetic in the same order: the same bits
     np.testing.assert_array_equal(variant[0], regular[0])
     np.testing.assert_array_equal(variant[1], regular[1])
+
+
+@pytest.mark.parametrize("rnnt_type", TYPES)
+def test_nan_and_masked_entries(rnnt_type):
+    """A NaN logit makes only its utterance's cost NaN; a masked (-inf) entry gets zero gradient."""
+    p = _variable_batch(17, 3, 8, 3, 10, rnnt_type != "regular", np.float32)
+    p.logit_lengths[:] = 8
+    p.logits[1, 0, 0, 4] = np.nan
+    p.logits[2, :, :, (p.blank + 1) % 10] = -np.inf
+    p.targets[2, : p.target_lengths[2]] = (p.blank + 2) % 10
+    costs, grads = run_kernels(p, rnnt_type=rnnt_type, delay_penalty=0.1)
+    assert np.isnan(costs[1]) and np.isfinite(costs[[0, 2]]).all()
+    assert (grads[2, ..., (p.blank + 1) % 10] == 0).all()
+    keep = [0, 2]
+    ref_costs, ref_grads = rnnt_variant_loss_reference(p.logits[keep], p.targets[keep], p.logit_lengths[keep],
+                                                       p.target_lengths[keep], blank=p.blank, reduction="none",
+                                                       rnnt_type=rnnt_type, delay_penalty=0.1)
+    np.testing.assert_allclose(costs[keep], ref_costs, rtol=1e-5)
+    np.testing.assert_allclose(grads[keep], ref_grads, atol=2e-5, rtol=0)

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import cpu
-from .cpu import (_JIT, _PIVOT_LIMIT, _beta_at, _cells, _launch, _log_add, _log_prob, _row_max, _rows, _section,
+from .cpu import (_JIT, _PIVOT_LIMIT, _beta_at, _cells, _launch, _log_prob, _row_max, _rows, _section,
                   _serial_variant, _softmax_row_gradient, _sum_of_exp, compute_dtype, njit, prange)
 from .fast_math import cast_like, load, store
 
@@ -105,8 +105,10 @@ def alphas_and_costs(log_blank, log_emit, log_big, logit_lengths, target_lengths
     """Pass 2: forward variables, ``log P(y|x)`` and ``cost = -(1 + fastemit_lambda) * log P``.
 
     ``alphas[t, u] = logsumexp(alphas[t-1, u] + blank[t-1, u], alphas[t, u-1] + emit[t, u-1],
-    alphas[t-d_i, u] + big[t-d_i, u, i]) `` (each log-probability minus ``sigma``), walked by anti-diagonals
-    as in :func:`rnnt_xla.kernels.cpu.alphas_and_costs` (every source lies on an earlier diagonal).
+    alphas[t-d_i, u] + big[t-d_i, u, i]) - sigma``, walked by anti-diagonals as in
+    :func:`rnnt_xla.kernels.cpu.alphas_and_costs` (every source lies on an earlier diagonal). Each cell's
+    log-sum-exp is shifted by its largest term: independent exps and one log, where pairwise log-adds
+    would chain ``K + 1`` exp/log1p pairs (twice as slow with three big blanks here).
     """
     B = log_blank.shape[0]
     K = durations.shape[0]
@@ -121,22 +123,33 @@ def alphas_and_costs(log_blank, log_emit, log_big, logit_lengths, target_lengths
         for d in range(1, T_b + U_b):
             for u in range(max(0, d - T_b + 1), min(d, U_b) + 1):
                 t = d - u
-                if u == 0:
-                    a = alpha[t - 1, 0] + (blank[t - 1, 0] - sigma)
-                elif t == 0:
-                    a = alpha[0, u - 1] + (emit[0, u - 1] - sigma)
-                else:
-                    a = _log_add(alpha[t - 1, u] + (blank[t - 1, u] - sigma), alpha[t, u - 1] + (emit[t, u - 1] - sigma))
+                from_blank = alpha[t - 1, u] + blank[t - 1, u] if t > 0 else -np.inf
+                from_label = alpha[t, u - 1] + emit[t, u - 1] if u > 0 else -np.inf
+                m = max(from_blank, from_label)
                 for i in range(K):
                     s = t - durations[i]
                     if s >= 0:
-                        a = _log_add(a, alpha[s, u] + (big[s, u, i] - sigma))
-                alpha[t, u] = a
-        ll = alpha[T_b - 1, U_b] + (blank[T_b - 1, U_b] - sigma)
+                        m = max(m, alpha[s, u] + big[s, u, i])
+                shift = m if abs(m) < np.inf else 0.0  # -inf: no arc in; NaN and inf propagate through exp
+                total = math.exp(from_blank - shift) + math.exp(from_label - shift)
+                for i in range(K):
+                    s = t - durations[i]
+                    if s >= 0:
+                        total += math.exp(alpha[s, u] + big[s, u, i] - shift)
+                alpha[t, u] = shift + math.log(total) - sigma  # each arc in carries one -sigma
+        ll = alpha[T_b - 1, U_b] + blank[T_b - 1, U_b]
+        m = ll
         for i in range(K):
             s = T_b - durations[i]
             if s >= 0:
-                ll = _log_add(ll, alpha[s, U_b] + (big[s, U_b, i] - sigma))
+                m = max(m, alpha[s, U_b] + big[s, U_b, i])
+        shift = m if abs(m) < np.inf else 0.0
+        total = math.exp(ll - shift)
+        for i in range(K):
+            s = T_b - durations[i]
+            if s >= 0:
+                total += math.exp(alpha[s, U_b] + big[s, U_b, i] - shift)
+        ll = shift + math.log(total) - sigma
         log_likelihood[b] = ll
         costs[b] = -(1.0 + fastemit_lambda) * ll
 
@@ -157,14 +170,20 @@ def betas(log_blank, log_emit, log_big, logit_lengths, target_lengths, durations
         for d in range(T_b + U_b - 1, -1, -1):
             for u in range(max(0, d - T_b + 1), min(d, U_b) + 1):
                 t = d - u
-                v = _beta_at(beta, t + 1, u, T_b, U_b) + (blank[t, u] - sigma)
-                if u < U_b:
-                    v = _log_add(v, beta[t, u + 1] + (emit[t, u] - sigma))
+                to_blank = _beta_at(beta, t + 1, u, T_b, U_b) + blank[t, u]
+                to_label = beta[t, u + 1] + emit[t, u] if u < U_b else -np.inf
+                m = max(to_blank, to_label)
                 for i in range(K):
                     s = t + durations[i]
                     if s <= T_b:
-                        v = _log_add(v, _beta_at(beta, s, u, T_b, U_b) + (big[t, u, i] - sigma))
-                beta[t, u] = v
+                        m = max(m, _beta_at(beta, s, u, T_b, U_b) + big[t, u, i])
+                shift = m if abs(m) < np.inf else 0.0
+                total = math.exp(to_blank - shift) + math.exp(to_label - shift)
+                for i in range(K):
+                    s = t + durations[i]
+                    if s <= T_b:
+                        total += math.exp(_beta_at(beta, s, u, T_b, U_b) + big[t, u, i] - shift)
+                beta[t, u] = shift + math.log(total) - sigma  # each arc out carries one -sigma
 
 
 @njit(parallel=True, **_JIT)
