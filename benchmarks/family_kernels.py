@@ -3,7 +3,7 @@ regular RNNT, on numpy arrays (no framework): median seconds of forward, backwar
 
     python benchmarks/family_kernels.py                       # every case at (8, 200, 50, 256)
     python benchmarks/family_kernels.py --regular-only --shape 16,150,40,1024 --repeats 7
-    python benchmarks/family_kernels.py --out results/family_kernels_vm.json
+    python benchmarks/family_kernels.py --plain --out results/family_kernels_vm.json   # with plain torch
 
 ``--regular-only`` imports nothing but ``cpu.forward``/``cpu.backward`` with their original arguments, so it
 also times an older checkout (``PYTHONPATH=/path/to/old/tree``) for a before/after comparison of the regular
@@ -85,11 +85,38 @@ def multiblank_case(shape, repeats: int, durations=(2, 4, 8), sigma: float = 0.0
     return time_case(fwd, bwd, repeats)
 
 
+def plain_torch_case(shape, repeats: int, kind: str) -> dict[str, float]:
+    """The plain vectorised torch loss of ``plain_torch_family.py`` (forward, then autograd backward)."""
+    import torch
+
+    from plain_torch_family import multiblank_loss_plain_torch, rnnt_variant_loss_plain_torch
+
+    B, T, U, V = shape
+    K = 3 if kind == "multiblank" else 0
+    logits, targets, frames, labels = problem(B, T, U, V + K)
+    index = [torch.from_numpy(a) for a in (targets, frames, labels)]
+    x = torch.from_numpy(logits).requires_grad_()
+    state = {}
+
+    def fwd():
+        if kind == "multiblank":
+            state["loss"] = multiblank_loss_plain_torch(x, *index, [2, 4, 8], sigma=0.05).mean()
+        else:
+            state["loss"] = rnnt_variant_loss_plain_torch(x, *index, rnnt_type=kind).mean()
+
+    def bwd():
+        x.grad = None
+        state.pop("loss").backward()
+
+    return time_case(fwd, bwd, repeats)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="8,200,50,256")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--regular-only", action="store_true")
+    parser.add_argument("--plain", action="store_true", help="also the plain vectorised torch losses")
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args()
     shape = tuple(int(x) for x in args.shape.split(","))
@@ -103,6 +130,9 @@ def main() -> None:
             "rnnt modified, delay_penalty 0.1": lambda: rnnt_case(shape, args.repeats, rnnt_type="modified",
                                                                   delay_penalty=0.1),
         })
+    if args.plain and not args.regular_only:
+        for kind in ("multiblank", "modified", "constrained"):
+            cases[f"plain torch {kind}"] = lambda k=kind: plain_torch_case(shape, args.repeats, k)
     results = {}
     print(f"shape (B, T, U, V) = {shape}, median of {args.repeats}, float32, {os.cpu_count()} CPUs")
     print(f"{'case':36s} {'fwd ms':>9s} {'bwd ms':>9s} {'fwd+bwd ms':>11s} {'vs regular':>10s}")
