@@ -35,7 +35,7 @@ from .cpu import (_JIT, _PIVOT_LIMIT, _beta_at, _cells, _launch, _log_prob, _row
 from .fast_math import cast_like, load, store
 
 __all__ = [
-    "MultiblankResiduals",
+    "Residuals",
     "residual_shapes",
     "allocate_residuals",
     "forward",
@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 
-class MultiblankResiduals(NamedTuple):
+class Residuals(NamedTuple):
     """What the forward pass leaves for the backward pass: :class:`rnnt_xla.kernels.cpu.Residuals`' five
     arrays (same shapes, dtypes and meaning; log-probabilities without ``sigma``) and
     ``log_big_blanks: (B, T, U1, K)`` float64, the log-probability of big blank ``i`` at ``(b, t, u)``."""
@@ -61,17 +61,17 @@ class MultiblankResiduals(NamedTuple):
 
 
 def residual_shapes(batch: int, frames: int, positions: int, num_big_blanks: int,
-                    dtype: np.dtype) -> MultiblankResiduals:
+                    dtype: np.dtype) -> Residuals:
     """``(shape, dtype)`` of each residual array for logits of ``dtype``."""
     base = cpu.residual_shapes(batch, frames, positions, dtype)
-    return MultiblankResiduals(*base, ((batch, frames, positions, num_big_blanks), np.dtype(np.float64)))
+    return Residuals(*base, ((batch, frames, positions, num_big_blanks), np.dtype(np.float64)))
 
 
 def allocate_residuals(batch: int, frames: int, positions: int, num_big_blanks: int,
-                       dtype: np.dtype) -> MultiblankResiduals:
+                       dtype: np.dtype) -> Residuals:
     """Uninitialised numpy residual arrays."""
     shapes = residual_shapes(batch, frames, positions, num_big_blanks, dtype)
-    return MultiblankResiduals(*(np.empty(shape, dt) for shape, dt in shapes))
+    return Residuals(*(np.empty(shape, dt) for shape, dt in shapes))
 
 
 @njit(parallel=True, **_JIT)
@@ -260,13 +260,15 @@ gradients_serial = _serial_variant(gradients)
 
 def forward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray, target_lengths: np.ndarray,
             blank: int, big_blank_durations: np.ndarray, sigma: float, fastemit_lambda: float,
-            costs: np.ndarray, residuals: MultiblankResiduals) -> None:
+            costs: np.ndarray, residuals: Residuals) -> None:
     """Costs ``(B,)`` (compute dtype) into ``costs`` and the forward residuals into ``residuals``.
 
     ``logits: (B, T, U1, V)`` (kernel array, see ``cpu.as_kernel_array``), ``targets: (B, W)``, lengths
-    ``(B,)`` int64, ``big_blank_durations: (K,)`` int64, ``blank`` in ``[K, V)``.
+    ``(B,)`` int64, ``big_blank_durations: (K,)`` int64, ``blank`` in ``[K, V)``; ``residuals`` a
+    :class:`Residuals` or any sequence of its six arrays in that order.
     """
     durations = np.ascontiguousarray(big_blank_durations, dtype=np.int64)
+    residuals = Residuals(*residuals)
     cpu.normalise(logits, targets, logit_lengths, target_lengths, blank, True, residuals)
     rows = _rows(logits)
     with _section("multiblank/big_blank_log_probs", rows, 1):
@@ -281,10 +283,11 @@ def forward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray, 
 
 def backward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray, target_lengths: np.ndarray,
              blank: int, big_blank_durations: np.ndarray, sigma: float, fastemit_lambda: float, clamp: float,
-             grad_scale: np.ndarray, residuals: MultiblankResiduals, grads: np.ndarray) -> None:
+             grad_scale: np.ndarray, residuals: Residuals, grads: np.ndarray) -> None:
     """Gradient w.r.t. ``logits`` into ``grads`` (same shape and dtype), clamped per utterance then scaled
     by ``grad_scale: (B,) float64``. Allocates only the ``(B, T, U1)`` betas."""
     durations = np.ascontiguousarray(big_blank_durations, dtype=np.int64)
+    residuals = Residuals(*residuals)
     beta = np.empty_like(residuals.alphas)
     cells = _cells(beta)
     with _section("multiblank/betas", 1, cells):
