@@ -134,7 +134,8 @@ def main() -> None:
         for kind in ("multiblank", "modified", "constrained"):
             cases[f"plain torch {kind}"] = lambda k=kind: plain_torch_case(shape, args.repeats, k)
     results = {}
-    print(f"shape (B, T, U, V) = {shape}, median of {args.repeats}, float32, {os.cpu_count()} CPUs")
+    print(f"shape (B, T, U, V) = {shape}, median of {args.repeats}, float32, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}")
     print(f"{'case':36s} {'fwd ms':>9s} {'bwd ms':>9s} {'fwd+bwd ms':>11s} {'vs regular':>10s}")
     for name, run in cases.items():
         results[name] = r = run()
@@ -143,7 +144,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"shape": shape, "repeats": args.repeats, "host": platform.node(), "cpus": os.cpu_count(),
-                       "results": results}, f, indent=1)
+                       "load_average_1_5_15": os.getloadavg(), "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":
