@@ -31,7 +31,7 @@ import numpy as np
 
 from . import cpu
 from .cpu import (_JIT, _PIVOT_LIMIT, _beta_at, _cells, _launch, _log_prob, _row_max, _rows, _section,
-                  _serial_variant, _softmax_row_gradient, _sum_of_exp, compute_dtype, njit, prange)
+                  _serial_variant, _softmax_row_gradient, _sum_of_exp, njit, prange)
 from .fast_math import cast_like, load, store
 
 __all__ = [
