@@ -17,6 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import rnnt_xla.torch as _torch_adapter
 from conftest import Problem, random_problem
 from rnnt_xla.kernels import cpu, cpu_multiblank, threads
 from rnnt_xla.reference import multiblank_rnnt_loss_reference
@@ -276,3 +277,92 @@ def test_nan_and_masked_entries():
                                                           [2, 4], blank=9, sigma=0.05, reduction="none")
     np.testing.assert_allclose(costs[[0, 2]], ref_costs, rtol=1e-5)
     np.testing.assert_allclose(grads[[0, 2]], ref_grads, atol=2e-5, rtol=0)
+
+
+# ---- through the adapters (rnnt_xla.torch / rnnt_xla.jax .multiblank_rnnt_loss) ----------------------------
+
+# the generic adapters are another branch (wip-adapt): these tests run once both are merged
+pytestmark_adapters = pytest.mark.skipif(not hasattr(_torch_adapter, "multiblank_rnnt_loss"),
+                                         reason="rnnt_xla.torch has no multiblank_rnnt_loss (adapters not merged)")
+
+
+def _torch_loss_and_grad(logits, p, durations, **options):
+    from rnnt_xla.torch import multiblank_rnnt_loss
+
+    x = torch.tensor(logits, requires_grad=True)
+    loss = multiblank_rnnt_loss(x, *(torch.from_numpy(a) for a in (p.targets, p.logit_lengths, p.target_lengths)),
+                                durations, **options)
+    loss.sum().backward()
+    return loss.detach().numpy(), x.grad.numpy()
+
+
+ADAPTER_OPTIONS = [dict(reduction="none"),
+                   dict(reduction="mean", sigma=0.05, fastemit_lambda=0.01, clamp=0.05),
+                   dict(reduction="mean_volume", sigma=0.1, blank=-1)]
+
+
+@pytestmark_adapters
+@pytest.mark.parametrize("options", ADAPTER_OPTIONS)
+def test_adapters_bit_identical_and_match_the_reference(options):
+    """torch and JAX (under jit, value and grad) give the same bits, and the float64 reference's values."""
+    jax = pytest.importorskip("jax")
+    from rnnt_xla.jax import multiblank_rnnt_loss as jax_loss
+
+    p = random_problem(np.random.default_rng(21), 4, 11, 4, 13, blank=12)
+    durations = [2, 4, 8]
+    loss, grad = _torch_loss_and_grad(p.logits, p, durations, **options)
+    index = [jax.numpy.asarray(a) for a in (p.targets, p.logit_lengths, p.target_lengths)]
+
+    def total(x):
+        return jax_loss(x, *index, durations, **options).sum()
+
+    jax_total, jax_grad = jax.jit(jax.value_and_grad(total))(jax.numpy.asarray(p.logits))
+    jax_costs = jax.jit(lambda x: jax_loss(x, *index, durations, **options))(jax.numpy.asarray(p.logits))
+    np.testing.assert_array_equal(np.asarray(jax_costs), loss)
+    np.testing.assert_array_equal(np.asarray(jax_grad), grad)
+    np.testing.assert_allclose(float(jax_total), loss.sum(), rtol=1e-6)
+    ref_loss, ref_grad = multiblank_rnnt_loss_reference(p.logits, p.targets, p.logit_lengths, p.target_lengths,
+                                                        durations, **{"blank": 12, **options})
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(grad, ref_grad, atol=2e-5, rtol=0)
+
+
+@pytestmark_adapters
+def test_adapters_float64_match_the_reference():
+    p = random_problem(np.random.default_rng(22), 3, 9, 3, 10, dtype=np.float64, blank=9)
+    loss, grad = _torch_loss_and_grad(p.logits, p, [3, 2], sigma=0.05, reduction="sum")
+    ref_loss, ref_grad = multiblank_rnnt_loss_reference(p.logits, p.targets, p.logit_lengths, p.target_lengths,
+                                                        [3, 2], blank=9, sigma=0.05, reduction="sum")
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
+    np.testing.assert_allclose(grad, ref_grad, atol=1e-12)
+
+
+@pytestmark_adapters
+def test_adapters_vmap():
+    """jax.vmap and torch.func.vmap over groups of batches: each group's loss and gradient, bit for bit."""
+    jax = pytest.importorskip("jax")
+    from rnnt_xla.jax import multiblank_rnnt_loss as jax_loss
+    from rnnt_xla.torch import multiblank_rnnt_loss as torch_loss
+
+    groups = [random_problem(np.random.default_rng(30 + g), 2, 8, 3, 9, blank=8, variable_lengths=True)
+              for g in range(3)]
+    width = max(p.targets.shape[1] for p in groups)
+    stack = {name: np.stack([np.pad(getattr(p, name), ((0, 0), (0, width - p.targets.shape[1])))
+                             if name == "targets" else getattr(p, name) for p in groups])
+             for name in ("logits", "targets", "logit_lengths", "target_lengths")}
+    options = dict(sigma=0.05, reduction="mean")
+
+    def one(x, targets, frames, labels):
+        return jax_loss(x, targets, frames, labels, [2, 3], **options)
+
+    arrays = [jax.numpy.asarray(stack[k]) for k in ("logits", "targets", "logit_lengths", "target_lengths")]
+    losses, grads = jax.vmap(jax.value_and_grad(one))(*arrays)
+    tensors = [torch.from_numpy(stack[k]) for k in ("logits", "targets", "logit_lengths", "target_lengths")]
+    torch_losses, torch_grads = torch.func.vmap(torch.func.grad_and_value(
+        lambda x, *index: torch_loss(x, *index, [2, 3], **options)), in_dims=0)(*tensors)[::-1]
+    for g, p in enumerate(groups):
+        loss, grad = _torch_loss_and_grad(stack["logits"][g], p, [2, 3], **options)
+        np.testing.assert_array_equal(np.asarray(losses[g]), loss)
+        np.testing.assert_array_equal(np.asarray(grads[g]), grad)
+        np.testing.assert_array_equal(torch_losses[g].numpy(), loss)
+        np.testing.assert_array_equal(torch_grads[g].numpy(), grad)

@@ -10,6 +10,7 @@ autograd, on k2's ``test_rnnt_loss_basic`` input and on random variable-length b
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import rnnt_xla.torch as _torch_adapter
 from conftest import Problem, random_problem
 from rnnt_xla.kernels import cpu, threads
 from rnnt_xla.reference import log_softmax, rnnt_loss_reference, rnnt_variant_loss_reference
@@ -336,3 +338,108 @@ def test_nan_and_masked_entries(rnnt_type):
                                                        rnnt_type=rnnt_type, delay_penalty=0.1)
     np.testing.assert_allclose(costs[keep], ref_costs, rtol=1e-5)
     np.testing.assert_allclose(grads[keep], ref_grads, atol=2e-5, rtol=0)
+
+
+# ---- through the adapters (rnnt_xla.torch / rnnt_xla.jax .rnnt_loss(rnnt_type=, delay_penalty=)) ----------
+
+# the generic adapters are another branch (wip-adapt): these tests run once both are merged
+pytestmark_adapters = pytest.mark.skipif("rnnt_type" not in inspect.signature(_torch_adapter.rnnt_loss).parameters,
+                                         reason="rnnt_xla.torch.rnnt_loss has no rnnt_type (adapters not merged)")
+
+
+def _torch_loss_and_grad(logits, p, **options):
+    from rnnt_xla.torch import rnnt_loss
+
+    x = torch.tensor(logits, requires_grad=True)
+    loss = rnnt_loss(x, *(torch.from_numpy(a) for a in (p.targets, p.logit_lengths, p.target_lengths)), **options)
+    loss.sum().backward()
+    return loss.detach().numpy(), x.grad.numpy()
+
+
+@pytestmark_adapters
+@pytest.mark.parametrize("rnnt_type", TYPES)
+@pytest.mark.parametrize("options", [dict(reduction="none", delay_penalty=0.1),
+                                     dict(reduction="mean", fastemit_lambda=0.01, clamp=0.05),
+                                     dict(reduction="mean_by_target_length", delay_penalty=-0.05,
+                                          fused_log_softmax=False)])
+def test_adapters_bit_identical_and_match_the_reference(rnnt_type, options):
+    """torch and JAX (under jit, value and grad) give the same bits, and the float64 reference's values."""
+    jax = pytest.importorskip("jax")
+    from rnnt_xla.jax import rnnt_loss as jax_loss
+
+    p = _variable_batch(23, 4, 11, 4, 13, True, np.float32)
+    if not options.get("fused_log_softmax", True):
+        p.logits = log_softmax(p.logits).astype(np.float32)
+    options = dict(options, rnnt_type=rnnt_type, blank=p.blank)
+    loss, grad = _torch_loss_and_grad(p.logits, p, **options)
+    index = [jax.numpy.asarray(a) for a in (p.targets, p.logit_lengths, p.target_lengths)]
+    jax_grad = jax.jit(jax.grad(lambda x: jax_loss(x, *index, **options).sum()))(jax.numpy.asarray(p.logits))
+    jax_costs = jax.jit(lambda x: jax_loss(x, *index, **options))(jax.numpy.asarray(p.logits))
+    np.testing.assert_array_equal(np.asarray(jax_costs), loss)
+    np.testing.assert_array_equal(np.asarray(jax_grad), grad)
+    ref_loss, ref_grad = rnnt_variant_loss_reference(p.logits, p.targets, p.logit_lengths, p.target_lengths,
+                                                     **options)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(grad, ref_grad, atol=2e-5, rtol=0)
+
+
+@pytestmark_adapters
+@pytest.mark.parametrize("rnnt_type", ["modified", "constrained"])
+def test_adapters_float64_match_the_reference(rnnt_type):
+    p = _variable_batch(24, 3, 9, 4, 10, True)
+    options = dict(blank=p.blank, reduction="sum", rnnt_type=rnnt_type, delay_penalty=0.2)
+    loss, grad = _torch_loss_and_grad(p.logits, p, **options)
+    ref_loss, ref_grad = rnnt_variant_loss_reference(p.logits, p.targets, p.logit_lengths, p.target_lengths,
+                                                     **options)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
+    np.testing.assert_allclose(grad, ref_grad, atol=1e-12)
+
+
+@pytestmark_adapters
+def test_adapters_vmap():
+    """jax.vmap and torch.func.vmap over groups of batches: each group's loss and gradient, bit for bit."""
+    jax = pytest.importorskip("jax")
+    from rnnt_xla.jax import rnnt_loss as jax_loss
+    from rnnt_xla.torch import rnnt_loss as torch_loss
+
+    groups = [_variable_batch(40 + g, 2, 8, 3, 9, True, np.float32) for g in range(3)]
+    for p in groups:
+        p.blank = 0
+    stack = {name: np.stack([getattr(p, name) for p in groups])
+             for name in ("logits", "targets", "logit_lengths", "target_lengths")}
+    options = dict(blank=0, reduction="mean", rnnt_type="constrained", delay_penalty=0.1)
+
+    def one(x, targets, frames, labels):
+        return jax_loss(x, targets, frames, labels, **options)
+
+    arrays = [jax.numpy.asarray(stack[k]) for k in ("logits", "targets", "logit_lengths", "target_lengths")]
+    losses, grads = jax.vmap(jax.value_and_grad(one))(*arrays)
+    tensors = [torch.from_numpy(stack[k]) for k in ("logits", "targets", "logit_lengths", "target_lengths")]
+    torch_grads, torch_losses = torch.func.vmap(torch.func.grad_and_value(
+        lambda x, *index: torch_loss(x, *index, **options)))(*tensors)
+    for g, p in enumerate(groups):
+        loss, grad = _torch_loss_and_grad(stack["logits"][g], p, **options)
+        np.testing.assert_array_equal(np.asarray(losses[g]), loss)
+        np.testing.assert_array_equal(np.asarray(grads[g]), grad)
+        np.testing.assert_array_equal(torch_losses[g].numpy(), loss)
+        np.testing.assert_array_equal(torch_grads[g].numpy(), grad)
+
+
+@pytestmark_adapters
+@pytest.mark.parametrize("adapter", ["torch", "jax"])
+def test_adapters_reject_fewer_frames_than_labels(adapter):
+    p = _variable_batch(25, 2, 3, 5, 6, False, np.float32)
+    p.logit_lengths[:] = (3, 3)
+    p.target_lengths[:] = (5, 2)
+    if adapter == "torch":
+        from rnnt_xla.torch import rnnt_loss
+
+        args = [torch.from_numpy(a) for a in (p.logits, p.targets, p.logit_lengths, p.target_lengths)]
+    else:
+        jax = pytest.importorskip("jax")
+        from rnnt_xla.jax import rnnt_loss
+
+        args = [jax.numpy.asarray(a) for a in (p.logits, p.targets, p.logit_lengths, p.target_lengths)]
+    with pytest.raises(ValueError, match="target_lengths|logit_lengths"):
+        rnnt_loss(*args, rnnt_type="modified")
+    rnnt_loss(*args, rnnt_type="regular")  # the regular lattice has paths
