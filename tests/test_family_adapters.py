@@ -428,3 +428,42 @@ def test_opcheck_passes_for_the_generic_operator_on_tdt(fake_kernels):
     _opcheck(inputs(), (-1, 0.5, "sum", True, 0.0, 1, "tdt", DURATIONS, 0.05, 0.5, torch.tensor([0.25]),
                         "regular", 0.0))
     assert fake_kernels[0]["head_only"] is True
+
+
+def test_the_cuda_registrations_run_the_family_dispatch(monkeypatch):
+    """No GPU here: the CUDA kernels of both operators on CPU tensors, with torch.cuda's stream and device
+    stubbed and family.cuda_forward/backward running the CPU kernels on the same memory, give what the CPU
+    registrations give (so the CUDA registrations pass their arguments and residuals in the right order)."""
+    from types import SimpleNamespace
+
+    from rnnt_xla import torch as rt
+
+    monkeypatch.setattr(torch.cuda, "device", lambda device: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: SimpleNamespace(cuda_stream=0))
+    as_np = lambda tensors: [t.numpy().astype(np.int64) for t in tensors]  # noqa: E731
+    streams = []
+
+    def cuda_forward(spec, logits, targets, logit_lengths, target_lengths, costs, residuals, stream=None,
+                     label_head_only=False):
+        streams.append(stream)
+        family.forward(spec, logits.numpy(), *as_np((targets, logit_lengths, target_lengths)), costs.numpy(),
+                       [r.numpy() for r in residuals], label_head_only)
+
+    def cuda_backward(spec, logits, targets, logit_lengths, target_lengths, grad_scale, residuals, grads,
+                      stream=None, betas=None, label_head_only=False):
+        assert betas.shape == logits.shape[:3] and betas.dtype == torch.float64
+        family.backward(spec, logits.numpy(), *as_np((targets, logit_lengths, target_lengths)),
+                        grad_scale.numpy(), [r.numpy() for r in residuals], grads.numpy(), label_head_only)
+
+    monkeypatch.setattr(family, "cuda_forward", cuda_forward)
+    monkeypatch.setattr(family, "cuda_backward", cuda_backward)
+    tensors = [torch.from_numpy(v) for v in inputs(6, dtype=np.float64).values()]
+    options = (0, 0.5, "mean_by_target_length", True, 0.01, 2)
+    cpu_outputs = loss_forward(*tensors, *options)
+    cuda_outputs = rt._loss_forward_cuda(*tensors, *options)
+    assert streams == [0]
+    for got, expected in zip([*cuda_outputs[:4], *cuda_outputs[4]], [*cpu_outputs[:4], *cpu_outputs[4]]):
+        assert torch.equal(got, expected)
+    grad_loss = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    assert torch.equal(rt._loss_backward_cuda(grad_loss, tensors[0], *cuda_outputs[1:], *options),
+                       loss_backward(grad_loss, tensors[0], *cpu_outputs[1:], *options))
