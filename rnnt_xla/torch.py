@@ -191,15 +191,27 @@ def _modes(spec: family.LossSpec, omega_draw: Optional[Tensor], groups: int) -> 
 
 # --- the forward operator ------------------------------------------------------------------------------
 
+# The residuals travel in a fixed number of tensor slots rather than as a Tensor[]: a list in the schema
+# makes torch.library wrap the autograd formula in pytree flattening on every call (~0.1 ms per forward and
+# backward, a 50% slower step at small shapes). A loss with fewer residuals fills the rest with (B, 0) slots.
+RESIDUAL_SLOTS = 8
+_SLOT_NAMES = [f"residual{i}" for i in range(RESIDUAL_SLOTS)]
 _FAMILY_ARGUMENTS = ('str kind="rnnt", int[] durations=[], float sigma=0.0, float omega=0.0, '
                      'Tensor? omega_draw=None, str rnnt_type="regular", float delay_penalty=0.0')
-_FORWARD_SCHEMA = ("(Tensor logits, Tensor targets, Tensor logit_lengths, Tensor target_lengths, int blank, "
-                   "float clamp, str reduction, bool fused_log_softmax, float fastemit_lambda, int groups, "
-                   f"{_FAMILY_ARGUMENTS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor[])")
+_OPTIONS = "int blank, float clamp, str reduction, bool fused_log_softmax, float fastemit_lambda, int groups"
+_FORWARD_SCHEMA = (f"(Tensor logits, Tensor targets, Tensor logit_lengths, Tensor target_lengths, {_OPTIONS}, "
+                   f"{_FAMILY_ARGUMENTS}) -> ({', '.join(['Tensor'] * (4 + RESIDUAL_SLOTS))})")
 _BACKWARD_SCHEMA = ("(Tensor grad_loss, Tensor logits, Tensor targets, Tensor logit_lengths, Tensor target_lengths, "
-                    "Tensor[] residuals, int blank, float clamp, str reduction, bool fused_log_softmax, "
-                    f"float fastemit_lambda, int groups, {_FAMILY_ARGUMENTS}) -> Tensor")
-_FORWARD_OUTPUTS = tuple[Tensor, Tensor, Tensor, Tensor, List[Tensor]]
+                    f"{', '.join('Tensor ' + n for n in _SLOT_NAMES)}, {_OPTIONS}, {_FAMILY_ARGUMENTS}) -> Tensor")
+_FAMILY_DEFAULTS = ("rnnt", [], 0.0, 0.0, None, "regular", 0.0)  # the schema's, in order
+
+
+def _slots(residuals: list[Tensor], batch: int, like: Tensor) -> list[Tensor]:
+    """The residuals padded to :data:`RESIDUAL_SLOTS` with empty ``(B, 0)`` float32 tensors."""
+    if len(residuals) > RESIDUAL_SLOTS:
+        raise NotImplementedError(f"rnnt_xla: {len(residuals)} residuals do not fit the operators' "
+                                  f"{RESIDUAL_SLOTS} slots; raise RESIDUAL_SLOTS")
+    return residuals + [like.new_empty((batch, 0), dtype=torch.float32) for _ in range(RESIDUAL_SLOTS - len(residuals))]
 
 
 @torch.library.custom_op("rnnt_xla::loss_forward", mutates_args=(), device_types="cpu", schema=_FORWARD_SCHEMA)
@@ -207,16 +219,16 @@ def loss_forward(logits: Tensor, targets: Tensor, logit_lengths: Tensor, target_
                  clamp: float, reduction: str, fused_log_softmax: bool, fastemit_lambda: float, groups: int,
                  kind: str = "rnnt", durations: List[int] = (), sigma: float = 0.0, omega: float = 0.0,
                  omega_draw: Optional[Tensor] = None, rnnt_type: str = "regular",
-                 delay_penalty: float = 0.0) -> _FORWARD_OUTPUTS:
+                 delay_penalty: float = 0.0) -> tuple[Tensor, ...]:
     """The reduced loss and what the backward operator needs (see the module docstring).
 
     Args: as the public functions (:func:`rnnt_loss`, :func:`tdt_loss`, :func:`multiblank_rnnt_loss`),
     plus ``groups``: the batch ``B`` is ``groups`` equal groups, each reduced on its own; ``kind`` the loss;
     ``omega_draw``: TDT's uniform draw(s), 1 or ``groups`` values (needed when ``omega > 0``). Returns
     ``loss`` (``(B,)`` for ``"none"``, else ``(groups,)``; float64 for float64 logits, else float32),
-    ``targets (B, W)``, ``logit_lengths (B,)``, ``target_lengths (B,)`` int64 copies, and the residuals
-    (``family.residual_shapes``; RNNT: ``log_norm``, ``log_blank``, ``log_emit``, ``alphas (B, T, U+1)``,
-    ``log_likelihood (B,)``).
+    ``targets (B, W)``, ``logit_lengths (B,)``, ``target_lengths (B,)`` int64 copies, and the
+    :data:`RESIDUAL_SLOTS` residual slots (``family.residual_shapes``, then empty ``(B, 0)`` ones; RNNT:
+    ``log_norm``, ``log_blank``, ``log_emit``, ``alphas (B, T, U+1)``, ``log_likelihood (B,)``).
     Raises: TypeError, ValueError naming the argument, before any kernel runs.
     """
     shape, spec, size = _prepare(logits, targets, logit_lengths, target_lengths, blank, clamp, reduction,
@@ -235,7 +247,8 @@ def loss_forward(logits: Tensor, targets: Tensor, logit_lengths: Tensor, target_
     loss = np.empty(_loss_shape(shape.batch, groups, reduction), dtype=costs.dtype)
     reduce_costs(costs.reshape(groups, size), indices[2].reshape(groups, size), reduction,
                  loss.reshape(groups, size) if reduction == "none" else loss)
-    return (torch.from_numpy(loss), *map(torch.from_numpy, indices), [torch.from_numpy(r) for r in residuals])
+    return (torch.from_numpy(loss), *map(torch.from_numpy, indices),
+            *_slots([torch.from_numpy(r) for r in residuals], B, logits))
 
 
 @loss_forward.register_kernel("cuda")
@@ -243,7 +256,7 @@ def _loss_forward_cuda(logits: Tensor, targets: Tensor, logit_lengths: Tensor, t
                        blank: int, clamp: float, reduction: str, fused_log_softmax: bool, fastemit_lambda: float,
                        groups: int, kind: str = "rnnt", durations: List[int] = (), sigma: float = 0.0,
                        omega: float = 0.0, omega_draw: Optional[Tensor] = None, rnnt_type: str = "regular",
-                       delay_penalty: float = 0.0) -> _FORWARD_OUTPUTS:
+                       delay_penalty: float = 0.0) -> tuple[Tensor, ...]:
     """:func:`loss_forward` on CUDA tensors: the ``rnnt_xla.kernels.cuda`` kernels on the tensors' memory
     (``__cuda_array_interface__``, no copies), launched on the current stream. The lengths and labels
     (``B*(W + 2)`` values) are copied to the host for validation and the ``B`` costs for the reduction;
@@ -267,7 +280,7 @@ def _loss_forward_cuda(logits: Tensor, targets: Tensor, logit_lengths: Tensor, t
     loss = torch.empty(_loss_shape(shape.batch, groups, reduction), dtype=costs.dtype)
     reduce_costs(costs.cpu().numpy().reshape(groups, size), host[2].reshape(groups, size), reduction,
                  loss.numpy().reshape(groups, size) if reduction == "none" else loss.numpy())
-    return (loss.to(device), *indices, residuals)
+    return (loss.to(device), *indices, *_slots(residuals, shape.batch, logits))
 
 
 @loss_forward.register_fake
@@ -275,25 +288,33 @@ def _loss_forward_fake(logits: Tensor, targets: Tensor, logit_lengths: Tensor, t
                        blank: int, clamp: float, reduction: str, fused_log_softmax: bool, fastemit_lambda: float,
                        groups: int, kind: str = "rnnt", durations: List[int] = (), sigma: float = 0.0,
                        omega: float = 0.0, omega_draw: Optional[Tensor] = None, rnnt_type: str = "regular",
-                       delay_penalty: float = 0.0) -> _FORWARD_OUTPUTS:
+                       delay_penalty: float = 0.0) -> tuple[Tensor, ...]:
     """Shapes and dtypes of :func:`loss_forward`'s outputs, from the inputs' metadata only."""
     index_dtype = _index_dtype(logits.device, targets, logit_lengths, target_lengths)
     loss = logits.new_empty(_loss_shape(logits.shape[0], groups, reduction), dtype=_compute_dtype(logits.dtype))
     indices = [t.new_empty(t.shape, dtype=index_dtype) for t in (targets, logit_lengths, target_lengths)]
     spec = family.LossSpec(kind=kind, durations=tuple(durations))  # all that the residuals' shapes depend on
     residuals = [logits.new_empty(s, dtype=d) for s, d in _residual_shapes(spec, logits)]
-    return (loss, *indices, residuals)
+    return (loss, *indices, *_slots(residuals, logits.shape[0], logits))
 
 
 # --- the backward operator -----------------------------------------------------------------------------
 
+def _backward_parts(args: tuple) -> tuple[list[Tensor], tuple, Optional[Tensor]]:
+    """:func:`loss_backward`'s arguments after ``target_lengths`` (the dispatcher may leave out trailing
+    ones equal to their defaults): the residual slots, the options without ``omega_draw``, ``omega_draw``."""
+    options = tuple(args[RESIDUAL_SLOTS:])
+    options += _FAMILY_DEFAULTS[len(options) - 6:]
+    return list(args[:RESIDUAL_SLOTS]), options[:10] + options[11:], options[10]
+
+
 def _check_backward(grad_loss: Tensor, logits: Tensor, indices: tuple[Tensor, Tensor, Tensor],
-                    residuals: list[Tensor], options: tuple
-                    ) -> tuple[LossShape, family.LossSpec, int, list[np.ndarray]]:
+                    slots: list[Tensor], options: tuple
+                    ) -> tuple[LossShape, family.LossSpec, int, list[np.ndarray], list[Tensor]]:
     """The forward operator's checks again (the backward operator can be called on its own), plus the
     shapes of the incoming gradient and the residuals. ``options``: the operator's arguments from ``blank``
-    on, without ``omega_draw``. Returns the sizes, the spec, the group size and host int64 copies of the
-    indices."""
+    on, without ``omega_draw``. Returns the sizes, the spec, the group size, host int64 copies of the
+    indices and the residuals (the used slots)."""
     shape, spec, size = _prepare(logits, *indices, *options)
     host = [_as_index_array(t) for t in indices]
     check_lengths_and_labels(*host, shape)
@@ -303,13 +324,12 @@ def _check_backward(grad_loss: Tensor, logits: Tensor, indices: tuple[Tensor, Te
         raise ValueError(f"grad_loss must have shape {expected} (the forward operator's loss), "
                          f"got {tuple(grad_loss.shape)}")
     shapes = _residual_shapes(spec, logits)
-    if len(residuals) != len(shapes):
-        raise ValueError(f"residuals must be the forward operator's {len(shapes)} residuals, got {len(residuals)}")
-    for i, (tensor, (s, d)) in enumerate(zip(residuals, shapes)):
+    shapes += [((shape.batch, 0), torch.float32)] * (RESIDUAL_SLOTS - len(shapes))
+    for name, tensor, (s, d) in zip(_SLOT_NAMES, slots, shapes):
         if tuple(tensor.shape) != s or tensor.dtype != d or tensor.device != logits.device:
-            raise ValueError(f"residuals[{i}] must be a {s} {d} tensor on {logits.device} (the forward operator's "
+            raise ValueError(f"{name} must be a {s} {d} tensor on {logits.device} (the forward operator's "
                              f"residual), got {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}")
-    return shape, spec, size, host
+    return shape, spec, size, host, slots[:len(_residual_shapes(spec, logits))]
 
 
 def _gradient_scale(grad_loss: np.ndarray, target_lengths: np.ndarray, reduction: str, groups: int,
@@ -321,17 +341,14 @@ def _gradient_scale(grad_loss: np.ndarray, target_lengths: np.ndarray, reduction
 
 @torch.library.custom_op("rnnt_xla::loss_backward", mutates_args=(), device_types="cpu", schema=_BACKWARD_SCHEMA)
 def loss_backward(grad_loss: Tensor, logits: Tensor, targets: Tensor, logit_lengths: Tensor,
-                  target_lengths: Tensor, residuals: List[Tensor], blank: int, clamp: float, reduction: str,
-                  fused_log_softmax: bool, fastemit_lambda: float, groups: int, kind: str = "rnnt",
-                  durations: List[int] = (), sigma: float = 0.0, omega: float = 0.0,
-                  omega_draw: Optional[Tensor] = None, rnnt_type: str = "regular",
-                  delay_penalty: float = 0.0) -> Tensor:
+                  target_lengths: Tensor, *slots_and_options: object) -> Tensor:
     """Gradient ``(B, T, U+1, V)`` w.r.t. ``logits`` (their dtype) for the incoming gradient ``grad_loss`` of
-    :func:`loss_forward`'s loss; ``targets`` to ``residuals`` are its other outputs, the options the same."""
-    options = (blank, clamp, reduction, fused_log_softmax, fastemit_lambda, groups, kind, durations, sigma, omega,
-               rnnt_type, delay_penalty)
-    shape, spec, size, indices = _check_backward(grad_loss, logits, (targets, logit_lengths, target_lengths),
-                                                 residuals, options)
+    :func:`loss_forward`'s loss; ``targets`` to the residual slots are its other outputs, then the same
+    options (schema: ``rnnt_xla::loss_backward``)."""
+    slots, options, omega_draw = _backward_parts(slots_and_options)
+    shape, spec, size, indices, residuals = _check_backward(
+        grad_loss, logits, (targets, logit_lengths, target_lengths), slots, options)
+    reduction, groups = options[2], options[5]
     modes = _modes(spec, omega_draw, groups)
     logits_np = _logits_for_kernels(logits.contiguous())
     scale = _gradient_scale(grad_loss.detach().numpy(), indices[2], reduction, groups, size)
@@ -345,17 +362,13 @@ def loss_backward(grad_loss: Tensor, logits: Tensor, targets: Tensor, logit_leng
 
 @loss_backward.register_kernel("cuda")
 def _loss_backward_cuda(grad_loss: Tensor, logits: Tensor, targets: Tensor, logit_lengths: Tensor,
-                        target_lengths: Tensor, residuals: List[Tensor], blank: int, clamp: float, reduction: str,
-                        fused_log_softmax: bool, fastemit_lambda: float, groups: int, kind: str = "rnnt",
-                        durations: List[int] = (), sigma: float = 0.0, omega: float = 0.0,
-                        omega_draw: Optional[Tensor] = None, rnnt_type: str = "regular",
-                        delay_penalty: float = 0.0) -> Tensor:
+                        target_lengths: Tensor, *slots_and_options: object) -> Tensor:
     """:func:`loss_backward` on CUDA tensors; betas and gradient in tensors from torch's allocator."""
-    options = (blank, clamp, reduction, fused_log_softmax, fastemit_lambda, groups, kind, durations, sigma, omega,
-               rnnt_type, delay_penalty)
-    residuals = [r.contiguous() for r in residuals]
+    slots, options, omega_draw = _backward_parts(slots_and_options)
+    slots = [r.contiguous() for r in slots]
     indices = [t.contiguous() for t in (targets, logit_lengths, target_lengths)]
-    shape, spec, size, host = _check_backward(grad_loss, logits, indices, residuals, options)
+    shape, spec, size, host, residuals = _check_backward(grad_loss, logits, indices, slots, options)
+    reduction, groups = options[2], options[5]
     modes = _modes(spec, omega_draw, groups)
     if len({t.dtype for t in indices}) > 1:
         indices = [t.long() for t in indices]
@@ -380,16 +393,15 @@ def _loss_backward_fake(grad_loss: Tensor, logits: Tensor, *args: object, **kwar
 
 # --- autograd, vmap and torch.func ---------------------------------------------------------------------
 #
-# Inside this section the forward operator's outputs are handled flat, ``(loss, targets, logit_lengths,
-# target_lengths, *residuals)`` (autograd.Function outputs must be tensors), and the operators' arguments
-# by position: 0-3 the tensors, 4-13 the options before ``omega_draw``, 14 ``omega_draw``, 15-16 the rest.
+# The operators' arguments by position: loss_forward's 0-3 the tensors, 4-13 the options before
+# ``omega_draw``, 14 ``omega_draw``, 15-16 the rest; loss_backward's have grad_loss first and the residual
+# slots after the three indices.
 
 _DRAW = 14  # position of omega_draw among loss_forward's arguments
-
-
-def _flat(outputs: tuple) -> tuple[Tensor, ...]:
-    """The forward operator's outputs flat (they are already when they come from an autograd.Function)."""
-    return (*outputs[:4], *outputs[4]) if isinstance(outputs[-1], (list, tuple)) else tuple(outputs)
+_DURATIONS = 11  # position of durations among loss_forward's arguments
+_BACKWARD_DURATIONS = 4 + RESIDUAL_SLOTS + 1 + 7  # and among loss_backward's
+_FORWARD_TENSORS = 4  # loss_forward's leading tensor arguments
+_BACKWARD_TENSORS = 5 + RESIDUAL_SLOTS  # loss_backward's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -402,22 +414,19 @@ class _Leaf:
 
 def _unleaf(args: tuple, position: int) -> tuple:
     """``args`` with the :class:`_Leaf` at ``position`` (if it is one) back as a list."""
-    if not isinstance(args[position], _Leaf):
+    if len(args) <= position or not isinstance(args[position], _Leaf):
         return tuple(args)
     return (*args[:position], list(args[position].value), *args[position + 1:])
 
 
 def _leaf(args: tuple, position: int) -> tuple:
+    if len(args) <= position:
+        return tuple(args)
     return (*args[:position], _Leaf(tuple(args[position])), *args[position + 1:])
-
-
-_DURATIONS = 11  # position of durations among loss_forward's arguments
-_OPTIONS_DURATIONS = 7  # and among loss_backward's options (its arguments from blank on)
 
 
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     inputs = _unleaf(inputs, _DURATIONS)
-    output = _flat(output)
     ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(inputs[0], inputs[_DRAW], *output[1:])
     ctx.options = tuple(inputs[4:_DRAW])
@@ -426,7 +435,7 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
 
 def _backward_arguments(ctx, grad_loss: Tensor, logits: Tensor, draw: Tensor | None, saved: list[Tensor]) -> tuple:
     """:func:`loss_backward`'s arguments for the saved forward call."""
-    return (grad_loss, logits, *saved[:3], list(saved[3:]), *ctx.options, draw, *ctx.tail)
+    return (grad_loss, logits, *saved, *ctx.options, draw, *ctx.tail)
 
 
 def _gradient(ctx, grad_loss: Tensor) -> Tensor:
@@ -435,16 +444,9 @@ def _gradient(ctx, grad_loss: Tensor) -> Tensor:
 
 
 def _backward(ctx, grad_loss: Tensor, *unused: object) -> tuple:
-    """The forward operator's autograd formula. One entry per argument the operator was called with (the
-    dispatcher drops trailing ones equal to their defaults; ctx.needs_input_grad has one per argument
-    passed), and an empty int list stays an empty list (the operator compares the structures)."""
-    durations = [] if len(ctx.options[7]) == 0 else None
-    return ((_gradient(ctx, grad_loss),) + (None,) * 10 + (durations,) + (None,) * 5)[:len(ctx.needs_input_grad)]
-
-
-def _function_backward(ctx, grad_loss: Tensor, *unused: object) -> tuple:
-    """The same for :class:`_LossForward`, which gets every argument."""
-    return (_gradient(ctx, grad_loss),) + (None,) * 16
+    """The forward operator's autograd formula: one entry per argument the operator was called with (the
+    dispatcher leaves out trailing ones equal to their defaults; ``ctx.needs_input_grad`` has one each)."""
+    return (_gradient(ctx, grad_loss),) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
 def _no_second_derivative(ctx, *grads: object):
@@ -476,58 +478,48 @@ def _fold_draw(n: int, groups: int, draw: Tensor | None, dim: int | None) -> Ten
     return draw.movedim(dim, 0).reshape(n, -1).expand(n, groups).reshape(-1)
 
 
-_FAMILY_DEFAULTS = ("rnnt", [], 0.0, 0.0, None, "regular", 0.0)
-
-
-def _with_defaults(args: tuple, in_dims: tuple, required: int) -> tuple[tuple, tuple]:
-    """An operator's arguments with the family arguments that the dispatcher left out (trailing ones equal
-    to their defaults) put back, and their (unbatched) in_dims."""
-    missing = _FAMILY_DEFAULTS[len(args) - required:]
-    return tuple(args) + missing, tuple(in_dims) + (None,) * len(missing)
+def _vmapped_call(op, info, in_dims: tuple, args: tuple, tensors: int) -> object:
+    """``op`` on its vmapped arguments with the vmapped axis folded into the batch: one kernel launch, each
+    example its own group (``groups`` times the vmapped size)."""
+    n = info.batch_size
+    args = tuple(args) + _FAMILY_DEFAULTS[len(args) - tensors - 6:]  # those the dispatcher left out
+    in_dims = tuple(in_dims) + (None,) * (len(args) - len(in_dims))
+    folded = [_fold(n, t, d) for t, d in zip(args[:tensors], in_dims)]
+    options = list(args[tensors:])
+    groups = options[5]
+    options[5] = groups * n
+    options[10] = _fold_draw(n, groups, options[10], in_dims[tensors + 10])
+    return op(*folded, *options)
 
 
 @loss_forward.register_vmap
 def _loss_forward_vmap(info, in_dims: tuple, *args: object) -> tuple:
-    """``vmap`` folds the vmapped axis into the batch: one kernel launch, each example its own group."""
-    args, in_dims = _with_defaults(args, in_dims, 10)
-    n = info.batch_size
-    tensors = [_fold(n, t, d) for t, d in zip(args[:4], in_dims)]
-    options = list(args[4:])
-    groups = options[5]
-    options[5] = groups * n
-    options[_DRAW - 4] = _fold_draw(n, groups, args[_DRAW], in_dims[_DRAW])
-    loss, *indices, residuals = loss_forward(*tensors, *options)
-    outputs = (_unfold(n, loss), *(_unfold(n, t) for t in indices), [_unfold(n, r) for r in residuals])
-    return outputs, (0, 0, 0, 0, [0] * len(residuals))
+    outputs = _vmapped_call(loss_forward, info, in_dims, args, _FORWARD_TENSORS)
+    return tuple(_unfold(info.batch_size, t) for t in outputs), (0,) * len(outputs)
 
 
 @loss_backward.register_vmap
 def _loss_backward_vmap(info, in_dims: tuple, *args: object) -> tuple:
-    args, in_dims = _with_defaults(args, in_dims, 12)
-    n = info.batch_size
-    tensors = [_fold(n, t, d) for t, d in zip(args[:5], in_dims)]
-    residuals = [_fold(n, r, d) for r, d in zip(args[5], in_dims[5] or [None] * len(args[5]))]
-    options = list(args[6:])
-    groups = options[5]
-    options[5] = groups * n
-    options[_DRAW - 4] = _fold_draw(n, groups, args[_DRAW + 2], in_dims[_DRAW + 2])
-    return _unfold(n, loss_backward(*tensors, residuals, *options)), 0
+    return _unfold(info.batch_size, _vmapped_call(loss_backward, info, in_dims, args, _BACKWARD_TENSORS)), 0
 
 
 class _LossForward(torch.autograd.Function):
     """:func:`loss_forward` with its autograd formula, for torch.func transforms: the autograd.Function
     that ``register_autograd`` generates has no ``setup_context``, which torch.func requires (pytorch
     issues 168393, 170834). This one while ``torch.compile`` traces a torch.func transform (Dynamo does not
-    take custom ``jvp`` methods), :class:`_LossForwardJvp` otherwise. Outputs flat (see above)."""
+    take custom ``jvp`` methods), :class:`_LossForwardJvp` otherwise. ``durations`` as a :class:`_Leaf`."""
 
     generate_vmap_rule = True  # the operators' own vmap rules
 
     @staticmethod
     def forward(*args):
-        return _flat(loss_forward(*_unleaf(args, _DURATIONS)))
+        return loss_forward(*_unleaf(args, _DURATIONS))
 
     setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_function_backward)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        return (_gradient(ctx, grad_loss),) + (None,) * 16
 
 
 class _LossForwardJvp(_LossForward):
@@ -551,16 +543,14 @@ class _LossForwardJvp(_LossForward):
 
 
 class _LossBackward(torch.autograd.Function):
-    """:func:`loss_backward` for torch.func transforms; its own derivatives raise (see above). Takes the
-    residuals flat after their count: ``(count, grad_loss, logits, targets, logit_lengths, target_lengths,
-    *residuals, *options)``, ``durations`` as a :class:`_Leaf`."""
+    """:func:`loss_backward` for torch.func transforms; its own derivatives raise (see above).
+    ``durations`` as a :class:`_Leaf`."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(count, *args):
-        options = _unleaf(args[5 + count:], _OPTIONS_DURATIONS)
-        return loss_backward(*args[:5], list(args[5:5 + count]), *options)
+    def forward(*args):
+        return loss_backward(*_unleaf(args, _BACKWARD_DURATIONS))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -571,19 +561,18 @@ class _LossBackward(torch.autograd.Function):
 
 
 def _call_forward(*args: object) -> tuple[Tensor, ...]:
-    """:func:`loss_forward` with autograd, its outputs flat: the operator, or an autograd.Function with
-    ``setup_context`` while a torch.func transform runs (with forward mode unless torch.compile traces it)."""
+    """:func:`loss_forward` with autograd: the operator, or an autograd.Function with ``setup_context``
+    while a torch.func transform runs (with forward mode unless torch.compile traces it)."""
     if torch._C._are_functorch_transforms_active():
         return (_LossForward if torch.compiler.is_compiling() else _LossForwardJvp).apply(*_leaf(args, _DURATIONS))
-    return _flat(loss_forward(*args))
+    return loss_forward(*args)
 
 
 def _call_backward(*args: object) -> Tensor:
     """:func:`loss_backward`, through :class:`_LossBackward` while a torch.func transform runs eagerly (so
     that its second derivatives raise rnnt_xla's error; torch.compile's tracing takes the operator)."""
     if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
-        residuals = args[5]
-        return _LossBackward.apply(len(residuals), *args[:5], *residuals, *_leaf(args[6:], _OPTIONS_DURATIONS))
+        return _LossBackward.apply(*_leaf(args, _BACKWARD_DURATIONS))
     return loss_backward(*args)
 
 

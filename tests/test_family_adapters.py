@@ -19,8 +19,8 @@ import torch
 
 from rnnt_xla import family
 from rnnt_xla.kernels import cpu
-from rnnt_xla.torch import (MultiblankRNNTLoss, MultiblankRNNTLossNumba, TDTLoss, TDTLossNumba, loss_backward,
-                            loss_forward, multiblank_rnnt_loss, rnnt_loss, tdt_loss)
+from rnnt_xla.torch import (RESIDUAL_SLOTS, MultiblankRNNTLoss, MultiblankRNNTLossNumba, TDTLoss, TDTLossNumba,
+                            loss_backward, loss_forward, multiblank_rnnt_loss, rnnt_loss, tdt_loss)
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
@@ -234,17 +234,17 @@ def test_the_operators_schema_carries_the_family_arguments():
         assert arguments["sigma"] == ("float", 0.0) and arguments["omega"] == ("float", 0.0)
         assert arguments["omega_draw"] == ("Optional[Tensor]", None)
         assert arguments["rnnt_type"] == ("str", "regular") and arguments["delay_penalty"] == ("float", 0.0)
-    backward = {a.name: str(a.type) for a in torch.ops.rnnt_xla.loss_backward.default._schema.arguments}
-    assert backward["residuals"] == "List[Tensor]"
-    assert [str(r.type) for r in torch.ops.rnnt_xla.loss_forward.default._schema.returns] == [
-        "Tensor", "Tensor", "Tensor", "Tensor", "List[Tensor]"]
+    backward = [(a.name, str(a.type)) for a in torch.ops.rnnt_xla.loss_backward.default._schema.arguments]
+    assert backward[5:5 + RESIDUAL_SLOTS] == [(f"residual{i}", "Tensor") for i in range(RESIDUAL_SLOTS)]
+    returns = [str(r.type) for r in torch.ops.rnnt_xla.loss_forward.default._schema.returns]
+    assert returns == ["Tensor"] * (4 + RESIDUAL_SLOTS)
 
 
 def _opcheck(arrays: dict, options: tuple) -> None:
     tensors = [torch.from_numpy(v) for v in arrays.values()]
     torch.library.opcheck(loss_forward, (tensors[0].clone().requires_grad_(), *tensors[1:], *options))
-    loss, *indices, residuals = loss_forward(*tensors, *options)
-    backward_args = (torch.rand_like(loss), tensors[0], *indices, residuals, *options)
+    loss, *saved = loss_forward(*tensors, *options)
+    backward_args = (torch.rand_like(loss), tensors[0], *saved, *options)
     torch.library.opcheck(loss_backward, backward_args)
 
 
@@ -462,7 +462,8 @@ def test_the_cuda_registrations_run_the_family_dispatch(monkeypatch):
     cpu_outputs = loss_forward(*tensors, *options)
     cuda_outputs = rt._loss_forward_cuda(*tensors, *options)
     assert streams == [0]
-    for got, expected in zip([*cuda_outputs[:4], *cuda_outputs[4]], [*cpu_outputs[:4], *cpu_outputs[4]]):
+    assert len(cuda_outputs) == len(cpu_outputs) == 4 + RESIDUAL_SLOTS
+    for got, expected in zip(cuda_outputs, cpu_outputs):
         assert torch.equal(got, expected)
     grad_loss = torch.tensor([0.5, 2.0], dtype=torch.float64)
     assert torch.equal(rt._loss_backward_cuda(grad_loss, tensors[0], *cuda_outputs[1:], *options),

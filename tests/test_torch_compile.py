@@ -131,9 +131,8 @@ def test_opcheck_passes_for_both_operators(dtype, reduction, groups):
     logits, targets, logit_lengths, target_lengths = problem(1, B=4, dtype=dtype)
     options = (0, 0.5, reduction, True, 0.01, groups)
     torch.library.opcheck(loss_forward, (logits.requires_grad_(), targets, logit_lengths, target_lengths, *options))
-    loss, *indices, residuals = loss_forward(logits, targets, logit_lengths, target_lengths, *options)
-    backward_args = (torch.rand_like(loss), logits.detach(), *(t.detach() for t in indices),
-                     [r.detach() for r in residuals], *options)
+    outputs = [t.detach() for t in loss_forward(logits, targets, logit_lengths, target_lengths, *options)]
+    backward_args = (torch.rand_like(outputs[0]), logits.detach(), *outputs[1:], *options)
     torch.library.opcheck(loss_backward, backward_args)
     # With inputs that require grad, the backward operator's own derivative raises by design; its
     # registration is still checked.
@@ -152,7 +151,8 @@ def test_fake_cuda_tensors_get_the_cuda_output_dtypes():
                                "none", True, 0.0, 1)
         grads = loss_backward(outputs[0], logits, *outputs[1:], 0, -1.0, "none", True, 0.0, 1)
         assert rnnt_loss(logits, outputs[1], index, index).shape == ()
-    outputs = [*outputs[:4], *outputs[4]]  # the residuals are one list
+    outputs, unused = outputs[:9], outputs[9:]  # RNNT uses 5 of the residual slots; the others are empty
+    assert [(tuple(o.shape), o.dtype) for o in unused] == [((3, 0), torch.float32)] * 3
     assert [(tuple(o.shape), o.dtype) for o in outputs] == [
         ((3,), torch.float32), ((3, 2), torch.int32), ((3,), torch.int32), ((3,), torch.int32),
         ((3, 7, 4), torch.float32), ((3, 7, 4), torch.float64), ((3, 7, 4), torch.float64),
