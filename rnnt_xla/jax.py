@@ -1,4 +1,10 @@
-"""JAX adapter: ``rnnt_loss`` with the same names, defaults, semantics and errors as ``rnnt_xla.torch``.
+"""JAX adapter: ``rnnt_loss``, ``tdt_loss`` and ``multiblank_rnnt_loss`` with the same names, defaults,
+semantics and errors as ``rnnt_xla.torch``.
+
+Every loss of ``rnnt_xla.family`` runs through the same ``custom_vjp``, with the loss's
+:class:`~rnnt_xla.family.LossSpec` among its static options. TDT's ``omega`` takes an explicit
+``key=`` (required when ``omega > 0``): ``jax.random.uniform(key)`` is an input of the callbacks, which
+use the plain RNNT loss of the label scores when it is below omega (per vmapped example under ``vmap``).
 
 The loss is a ``jax.custom_vjp`` whose forward and backward are ``jax.experimental.buffer_callback``s:
 XLA hands the callbacks its own input and output buffers, the Numba kernels read the logits and write the

@@ -10,10 +10,10 @@ so that ``torch.compile`` (also ``fullgraph=True`` and dynamic shapes), ``torch.
 - ``torch.ops.rnnt_xla.loss_forward(logits, targets, logit_lengths, target_lengths, blank, clamp,
   reduction, fused_log_softmax, fastemit_lambda, groups, kind="rnnt", durations=[], sigma=0.0, omega=0.0,
   omega_draw=None, rnnt_type="regular", delay_penalty=0.0)`` returns the reduced loss, private int64
-  (int32 on CUDA when no input is int64) copies of the labels and lengths, and the list of ``O(B*T*U)``
-  residuals (``rnnt_xla.family.residual_shapes``; for RNNT :class:`rnnt_xla.kernels.cpu.Residuals`) that
-  the gradient is computed from;
-- ``torch.ops.rnnt_xla.loss_backward(grad_loss, logits, <the copies>, <the residuals>, <the options>)``
+  (int32 on CUDA when no input is int64) copies of the labels and lengths, and the ``O(B*T*U)`` residuals
+  (``rnnt_xla.family.residual_shapes``; for RNNT :class:`rnnt_xla.kernels.cpu.Residuals`) that the
+  gradient is computed from, in :data:`RESIDUAL_SLOTS` tensor slots (unused ones empty);
+- ``torch.ops.rnnt_xla.loss_backward(grad_loss, logits, <the copies>, <the slots>, <the options>)``
   returns the gradient w.r.t. the logits.
 
 ``kind`` picks the loss (``"rnnt"``, ``"tdt"``, ``"multiblank"``); ``durations`` are TDT's durations or the

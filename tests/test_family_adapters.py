@@ -468,3 +468,33 @@ def test_the_cuda_registrations_run_the_family_dispatch(monkeypatch):
     grad_loss = torch.tensor([0.5, 2.0], dtype=torch.float64)
     assert torch.equal(rt._loss_backward_cuda(grad_loss, tensors[0], *cuda_outputs[1:], *options),
                        loss_backward(grad_loss, tensors[0], *cpu_outputs[1:], *options))
+
+
+def test_torchscript_of_the_new_modules_matches_eager(fake_kernels):
+    tensors = [torch.from_numpy(v) for v in inputs().values()]
+    mb = [torch.from_numpy(v) for v in inputs(6).values()]
+    for module, args in ((TDTLossNumba(5, DURATIONS, sigma=0.05, omega=0.5), tensors), (TDTLoss(DURATIONS), tensors),
+                         (MultiblankRNNTLossNumba(5, BIG_BLANKS), mb), (MultiblankRNNTLoss(BIG_BLANKS), mb)):
+        scripted = torch.jit.script(module)
+        assert "rnnt_xla::loss_forward" in str(scripted.inlined_graph)
+        torch.manual_seed(1)
+        expected = module(*args)
+        torch.manual_seed(1)  # the same omega draw
+        assert torch.equal(scripted(*args), expected)
+
+
+def test_compiled_tdt_loss_with_omega_matches_eager_and_draws_each_call(fake_kernels):
+    tensors = [torch.from_numpy(v) for v in inputs().values()]
+    step = torch.compile(lambda x: tdt_loss(x, *tensors[1:], DURATIONS, omega=0.5, reduction="sum"),
+                         fullgraph=True, backend="aot_eager")
+    x = tensors[0].clone().requires_grad_()
+    base = _expected(inputs())[0].sum()
+    seen = set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        loss = step(x)
+        loss.backward()
+        assert fake_kernels[-1]["entry"] == "backward" and fake_kernels[-1]["head_only"] == fake_kernels[-2]["head_only"]
+        seen.add(fake_kernels[-1]["head_only"])
+        assert float(loss.detach()) == pytest.approx(_factor(fake_kernels[-1]["head_only"]) * base, rel=1e-6)
+    assert seen == {False, True}  # a new draw per call, not one baked into the graph
