@@ -72,9 +72,9 @@ def make_spec(shape: LossShape, kind: str = "rnnt", fused_log_softmax: bool = Tr
               rnnt_type: str = "regular", delay_penalty: float = 0.0) -> LossSpec:
     """The :class:`LossSpec` of options that ``validation.check_arguments`` accepted (it returned ``shape``,
     whose ``blank`` is normalised)."""
+    values = durations.tolist() if hasattr(durations, "tolist") else durations
     return LossSpec(kind=kind, blank=shape.blank, fused_log_softmax=bool(fused_log_softmax),
-                    fastemit_lambda=float(fastemit_lambda), clamp=float(clamp),
-                    durations=tuple(int(d) for d in (durations.tolist() if hasattr(durations, "tolist") else durations)),
+                    fastemit_lambda=float(fastemit_lambda), clamp=float(clamp), durations=tuple(int(d) for d in values),
                     sigma=float(sigma), omega=float(omega), rnnt_type=rnnt_type, delay_penalty=float(delay_penalty))
 
 

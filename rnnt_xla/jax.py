@@ -153,7 +153,8 @@ def _fold_gpu(buffer, trailing: int, pairs_of=None):
     split = len(shape) - trailing
     folded = (int(np.prod(shape[:split])),) + shape[split:]
     bfloat16 = np.dtype(buffer.dtype).name == "bfloat16"
-    return cuda_kernels.device_view(buffer, folded, pairs_of if pairs_of is not None else np.int16 if bfloat16 else None)
+    view = pairs_of if pairs_of is not None else np.int16 if bfloat16 else None
+    return cuda_kernels.device_view(buffer, folded, view)
 
 
 def _gpu_residuals(options: _Options, dtype, buffers) -> list:
