@@ -17,7 +17,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import rnnt_xla.torch as _torch_adapter
 from conftest import Problem, random_problem
 from rnnt_xla.kernels import cpu, cpu_multiblank, threads
 from rnnt_xla.reference import multiblank_rnnt_loss_reference
@@ -281,9 +280,6 @@ def test_nan_and_masked_entries():
 
 # ---- through the adapters (rnnt_xla.torch / rnnt_xla.jax .multiblank_rnnt_loss) ----------------------------
 
-# the generic adapters are another branch (wip-adapt): these tests run once both are merged
-pytestmark_adapters = pytest.mark.skipif(not hasattr(_torch_adapter, "multiblank_rnnt_loss"),
-                                         reason="rnnt_xla.torch has no multiblank_rnnt_loss (adapters not merged)")
 
 
 def _torch_loss_and_grad(logits, p, durations, **options):
@@ -301,7 +297,6 @@ ADAPTER_OPTIONS = [dict(reduction="none"),
                    dict(reduction="mean_volume", sigma=0.1, blank=-1)]
 
 
-@pytestmark_adapters
 @pytest.mark.parametrize("options", ADAPTER_OPTIONS)
 def test_adapters_bit_identical_and_match_the_reference(options):
     """torch and JAX (under jit, value and grad) give the same bits, and the float64 reference's values."""
@@ -327,7 +322,6 @@ def test_adapters_bit_identical_and_match_the_reference(options):
     np.testing.assert_allclose(grad, ref_grad, atol=2e-5, rtol=0)
 
 
-@pytestmark_adapters
 def test_adapters_float64_match_the_reference():
     p = random_problem(np.random.default_rng(22), 3, 9, 3, 10, dtype=np.float64, blank=9)
     loss, grad = _torch_loss_and_grad(p.logits, p, [3, 2], sigma=0.05, reduction="sum")
@@ -337,7 +331,6 @@ def test_adapters_float64_match_the_reference():
     np.testing.assert_allclose(grad, ref_grad, atol=1e-12)
 
 
-@pytestmark_adapters
 def test_adapters_vmap():
     """jax.vmap and torch.func.vmap over groups of batches: each group's loss and gradient, bit for bit."""
     jax = pytest.importorskip("jax")

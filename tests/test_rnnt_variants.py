@@ -10,7 +10,6 @@ autograd, on k2's ``test_rnnt_loss_basic`` input and on random variable-length b
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import numpy as np
@@ -19,7 +18,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import rnnt_xla.torch as _torch_adapter
 from conftest import Problem, random_problem
 from rnnt_xla.kernels import cpu, threads
 from rnnt_xla.reference import log_softmax, rnnt_loss_reference, rnnt_variant_loss_reference
@@ -342,9 +340,6 @@ def test_nan_and_masked_entries(rnnt_type):
 
 # ---- through the adapters (rnnt_xla.torch / rnnt_xla.jax .rnnt_loss(rnnt_type=, delay_penalty=)) ----------
 
-# the generic adapters are another branch (wip-adapt): these tests run once both are merged
-pytestmark_adapters = pytest.mark.skipif("rnnt_type" not in inspect.signature(_torch_adapter.rnnt_loss).parameters,
-                                         reason="rnnt_xla.torch.rnnt_loss has no rnnt_type (adapters not merged)")
 
 
 def _torch_loss_and_grad(logits, p, **options):
@@ -356,7 +351,6 @@ def _torch_loss_and_grad(logits, p, **options):
     return loss.detach().numpy(), x.grad.numpy()
 
 
-@pytestmark_adapters
 @pytest.mark.parametrize("rnnt_type", TYPES)
 @pytest.mark.parametrize("options", [dict(reduction="none", delay_penalty=0.1),
                                      dict(reduction="mean", fastemit_lambda=0.01, clamp=0.05),
@@ -383,7 +377,6 @@ def test_adapters_bit_identical_and_match_the_reference(rnnt_type, options):
     np.testing.assert_allclose(grad, ref_grad, atol=2e-5, rtol=0)
 
 
-@pytestmark_adapters
 @pytest.mark.parametrize("rnnt_type", ["modified", "constrained"])
 def test_adapters_float64_match_the_reference(rnnt_type):
     p = _variable_batch(24, 3, 9, 4, 10, True)
@@ -395,7 +388,6 @@ def test_adapters_float64_match_the_reference(rnnt_type):
     np.testing.assert_allclose(grad, ref_grad, atol=1e-12)
 
 
-@pytestmark_adapters
 def test_adapters_vmap():
     """jax.vmap and torch.func.vmap over groups of batches: each group's loss and gradient, bit for bit."""
     jax = pytest.importorskip("jax")
@@ -425,7 +417,6 @@ def test_adapters_vmap():
         np.testing.assert_array_equal(torch_grads[g].numpy(), grad)
 
 
-@pytestmark_adapters
 @pytest.mark.parametrize("adapter", ["torch", "jax"])
 def test_adapters_reject_fewer_frames_than_labels(adapter):
     p = _variable_batch(25, 2, 3, 5, 6, False, np.float32)
