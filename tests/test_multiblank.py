@@ -359,3 +359,51 @@ def test_adapters_vmap():
         np.testing.assert_array_equal(np.asarray(grads[g]), grad)
         np.testing.assert_array_equal(torch_losses[g].numpy(), loss)
         np.testing.assert_array_equal(torch_grads[g].numpy(), grad)
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_adapters_sixteen_bit_bit_identical(half):
+    """16-bit logits through both adapters: the same float32 costs and 16-bit gradients, bit for bit."""
+    jax = pytest.importorskip("jax")
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from rnnt_xla.jax import multiblank_rnnt_loss as jax_loss
+    from rnnt_xla.torch import multiblank_rnnt_loss as torch_loss
+
+    p = random_problem(np.random.default_rng(26), 3, 10, 4, 12, blank=11)
+    numpy_dtype, torch_dtype = {"float16": (np.float16, torch.float16),
+                                "bfloat16": (ml_dtypes.bfloat16, torch.bfloat16)}[half]
+    logits16 = p.logits.astype(numpy_dtype)
+    options = dict(sigma=0.05, reduction="none")
+    x = torch.from_numpy(logits16.astype(np.float32)).to(torch_dtype).requires_grad_()
+    index = (p.targets, p.logit_lengths, p.target_lengths)
+    loss = torch_loss(x, *map(torch.from_numpy, index), [2, 4], **options)
+    loss.sum().backward()
+    jax_index = [jax.numpy.asarray(a) for a in index]
+    jax_costs, pullback = jax.vjp(lambda z: jax_loss(z, *jax_index, [2, 4], **options), jax.numpy.asarray(logits16))
+    (jax_grad,) = pullback(jax.numpy.ones_like(jax_costs))
+    assert x.grad.dtype == torch_dtype and jax_grad.dtype == numpy_dtype
+    np.testing.assert_array_equal(np.asarray(jax_costs), loss.detach().numpy())
+    np.testing.assert_array_equal(np.asarray(jax_grad).astype(np.float32), x.grad.float().numpy())
+
+
+def test_nemo_drop_in_on_nemos_randomized_case():
+    """rnnt_xla.torch.MultiblankRNNTLossNumba with the arguments of NeMo's
+    TestMultiblankRNNTLoss.test_case_randomized_act_label against NeMo's torch loss (see the module docstring)."""
+    from rnnt_xla.torch import MultiblankRNNTLossNumba
+
+    torch.manual_seed(1)
+    B, T, U, V = 4, 8, 4, 8
+    durations = [2, 4, 8]
+    acts = torch.rand([B, T, U, V + 1 + len(durations)])
+    labels = torch.from_numpy(np.random.default_rng(1).integers(0, V, size=(B, U - 1)))
+    lengths = torch.full((B,), T), torch.full((B,), U - 1)
+    loss_fn = MultiblankRNNTLossNumba(blank=V + len(durations), reduction="sum", big_blank_durations=durations,
+                                      sigma=0.1)
+    x = acts.clone().requires_grad_()
+    loss = loss_fn(x, labels, *lengths)
+    loss.backward()
+    nemo_costs, nemo_grads = nemo_pytorch_loss(acts.numpy(), labels.numpy(), *(a.numpy() for a in lengths),
+                                               V + len(durations), durations, 0.1)
+    assert loss.shape == (1,)
+    np.testing.assert_allclose(loss.item(), nemo_costs.sum(), rtol=1e-6)  # NeMo's tolerances: rtol 1e-6 / 1e-2
+    np.testing.assert_allclose(x.grad.numpy(), nemo_grads, atol=1e-5)
