@@ -8,6 +8,8 @@ regular RNNT, on numpy arrays (no framework): median seconds of forward, backwar
 ``--regular-only`` imports nothing but ``cpu.forward``/``cpu.backward`` with their original arguments, so it
 also times an older checkout (``PYTHONPATH=/path/to/old/tree``) for a before/after comparison of the regular
 path. Multi-blank cases use ``V + K`` entries per row (the big blanks added to the vocabulary), blank last.
+``--plain`` adds the plain vectorised torch losses of ``plain_torch_family.py`` (the benchmark branch's
+module, ``multiblank_loss_plain_torch`` and ``rnnt_variant_loss_plain_torch``).
 """
 
 from __future__ import annotations
