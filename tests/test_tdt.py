@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from rnnt_xla.kernels import cpu, cpu_tdt
 from rnnt_xla.reference import log_softmax, rnnt_loss_reference, tdt_loss_reference
 
-DURATION_SETS = [(0, 1, 2, 3, 4), (0, 2), (1, 2), (0, 1), (1,), (2,), (0, 1, 2, 5), (1, 3)]
+DURATION_SETS = [(0, 1, 2, 3, 4), (0, 2), (1, 2), (0, 1), (1,), (2,), (0, 1, 2, 5), (1, 3), (0, 1, 9)]
 
 
 def tdt_problem(rng, B, T, U, V, durations, *, dtype=np.float32, scale=2.0, variable_lengths=True):
@@ -205,6 +205,22 @@ def test_kernels_match_the_reference(case):
     np.testing.assert_allclose(grads, expected, rtol=1e-10 if f64 else 1e-5, atol=1e-12 if f64 else 1e-6)
 
 
+@pytest.mark.parametrize("durations", [(0, 1, 2, 3, 4, 5), (1, 2, 3, 4, 5)])
+def test_kernels_on_nemos_randomized_cases(durations):
+    """The settings of NeMo's TestTDTLoss.test_case_randomized_act_label and ..._no_0_duration
+    (tests/collections/asr/numba/rnnt_loss/test_rnnt_pytorch.py): B=4, T=8, U+1=4, 8 labels + blank (last),
+    uniform [0, 1) logits, sigma 0.05, reduction 'sum'; NeMo checks its CUDA kernel against TDTLossPytorch."""
+    rng = np.random.default_rng(13)
+    logits = rng.uniform(0, 1, (4, 8, 4, 9 + len(durations))).astype(np.float32)
+    targets = rng.integers(0, 8, (4, 3))
+    lengths = (np.full(4, 8), np.full(4, 3))
+    costs, grads = run_kernels(logits, targets, *lengths, durations, 8, sigma=0.05)
+    ref_cost, ref_grads = tdt_loss_reference(logits, targets, *lengths, durations, blank=8, sigma=0.05,
+                                             reduction="sum")
+    np.testing.assert_allclose(costs.sum(), ref_cost, rtol=1e-6)
+    np.testing.assert_allclose(grads, ref_grads, atol=1e-6)
+
+
 def test_label_head_only_kernels_are_the_rnnt_kernels_bit_for_bit():
     rng = np.random.default_rng(5)
     durations = (0, 1, 2, 3, 4)
@@ -254,6 +270,27 @@ def test_float32_logits_far_from_zero(offset):
     costs, grads = run_kernels(shifted, targets, logit_lengths, target_lengths, durations, 0, sigma=0.05)
     np.testing.assert_allclose(costs, ref_costs, rtol=1e-6)
     np.testing.assert_allclose(grads, ref_grads, atol=1e-6)
+
+
+def test_masked_entries_and_nan():
+    """-inf label entries and durations (masked) get zero probability and zero gradient; a NaN logit makes its
+    utterance's cost NaN and leaves the others alone."""
+    rng = np.random.default_rng(12)
+    durations = (0, 1, 2, 3)
+    logits, targets, logit_lengths, target_lengths = tdt_problem(rng, 3, 6, 3, 8, durations)
+    targets[:, :3] = np.where(targets[:, :3] == 7, 1, targets[:, :3])
+    target_lengths[:] = 3
+    logits[..., 7] = -np.inf  # a label never used
+    logits[..., 8 + 2] = -np.inf  # duration 2 masked
+    costs, grads = run_kernels(logits, targets, logit_lengths, target_lengths, durations, 0, sigma=0.05)
+    ref_costs, ref_grads = tdt_loss_reference(logits, targets, logit_lengths, target_lengths, durations, blank=0,
+                                              sigma=0.05, reduction="none")
+    np.testing.assert_allclose(costs, ref_costs, rtol=1e-6)
+    np.testing.assert_allclose(grads, ref_grads, atol=1e-6)
+    assert not grads[..., 7].any() and not grads[..., 10].any() and np.isfinite(grads).all()
+    logits[1, 0, 0, 3] = np.nan
+    costs, grads = run_kernels(logits, targets, logit_lengths, target_lengths, durations, 0, sigma=0.05)
+    assert np.isnan(costs[1]) and np.allclose(costs[[0, 2]], ref_costs[[0, 2]], rtol=1e-6)
 
 
 @pytest.mark.parametrize("half, eps", [(np.float16, 2.0**-11), (ml_dtypes.bfloat16, 2.0**-8)])
