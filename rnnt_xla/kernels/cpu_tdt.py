@@ -306,8 +306,11 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, durations, 
                 for i in range(D):
                     d = durations[i]
                     w = base + log_durations[b, t, u, i]
-                    q_blank = math.exp(w + lb + _next_beta(beta, t, u, d, T_b, U_b, False))
-                    q_label = math.exp(w + le + _next_beta(beta, t, u, d, T_b, U_b, True))
+                    next_blank = _next_beta(beta, t, u, d, T_b, U_b, False)
+                    next_label = _next_beta(beta, t, u, d, T_b, U_b, True)
+                    # only the arcs that exist: a scalar exp costs about as much as 20 entries of the row
+                    q_blank = math.exp(w + lb + next_blank) if next_blank != -np.inf else 0.0
+                    q_label = math.exp(w + le + next_label) if next_label != -np.inf else 0.0
                     p_blank += q_blank
                     p_label += q_label
                     posterior[i] = q_blank + q_label
