@@ -20,6 +20,8 @@ Array arguments (``B`` batch, ``T`` max frames, ``U1 = U + 1`` label positions, 
 
 Padded frames (``t >= T_b``) and label positions (``u > U_b``) receive exactly zero gradient.
 The pass entry points :func:`forward` and :func:`backward` hold no math; they call the kernels in order.
+The other losses' kernel modules (``cpu_tdt``) reuse this module's row passes: :func:`_normalise_frame`
+(pass 1 on one frame) and :func:`_write_row_gradient` (one row of pass 4), and its thread choice.
 """
 
 from __future__ import annotations
