@@ -147,3 +147,19 @@ def test_nemo_drop_in_on_nemos_fixed_case():
     ]]
     np.testing.assert_allclose(cost.detach().numpy(), [4.155739], rtol=1e-6)
     np.testing.assert_allclose(acts.grad.numpy(), expected_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_tdt_loss_matches_eager_bit_for_bit():
+    p = problem(seed=6)
+    index = [torch.from_numpy(a) for a in p[1:]]
+    loss_fn = lambda x: torch_tdt_loss(x, *index, DURATIONS, sigma=0.05, reduction="mean")  # noqa: E731
+    step = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (loss_fn, step):
+        x = torch.from_numpy(p[0].copy()).requires_grad_()
+        loss = fn(x)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    ref_loss, _ = tdt_loss_reference(*p, DURATIONS, sigma=0.05, reduction="mean")
+    assert float(results[0][0]) == pytest.approx(float(ref_loss), rel=1e-5)
