@@ -31,7 +31,7 @@ import numpy as np
 
 from . import cpu
 from .cpu import (_JIT, _PIVOT_LIMIT, _beta_at, _cells, _launch, _log_prob, _row_max, _rows, _section,
-                  _serial_variant, _softmax_row_gradient, _sum_of_exp, njit, prange)
+                  _serial_variant, _sum_of_exp, _write_row_gradient, njit, prange)
 from .fast_math import cast_like, load, store
 
 __all__ = [
@@ -211,6 +211,7 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, durations, 
         scale = grad_scale[b]
         ll = log_likelihood[b]
         beta = betas[b]
+        p_big = np.empty(K)  # the big blanks' posteriors of one row
         for u in range(U1):
             g = grads[b, t, u]
             if u > U_b:
@@ -219,37 +220,29 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, durations, 
             alpha = alphas[b, t, u] - sigma - ll  # every arc's posterior: exp(alpha + log_prob - sigma + beta - ll)
             lb = log_blank[b, t, u]
             p_blank = math.exp(alpha + lb + _beta_at(beta, t + 1, u, T_b, U_b))
-            occupancy = p_blank
+            blanks = p_blank  # the posteriors of the standard and the big blanks
             for i in range(K):
                 s = t + durations[i]
-                if s <= T_b:
-                    occupancy += math.exp(alpha + log_big[b, t, u, i] + _beta_at(beta, s, u, T_b, U_b))
+                p_big[i] = math.exp(alpha + log_big[b, t, u, i] + _beta_at(beta, s, u, T_b, U_b)) if s <= T_b else 0.0
+                blanks += p_big[i]
             label = targets[b, u] if u < U_b else blank
             emit = emit_weight * math.exp(alpha + log_emit[b, t, u] + beta[t, u + 1]) if u < U_b else 0.0
-            occupancy += emit
-            row = logits[b, t, u]
-            _softmax_row_gradient(row, g, blank, log_norm[b, t, u], lb, occupancy, clamp, scale, log_norm)
-            # the arcs' own entries, from the lattice's log-probabilities (exp in the compute dtype, see
-            # cpu.gradients); a label may coincide with the blank or a big blank
-            label_done = u == U_b
+            occupancy = blanks + emit
+            # the shared row writer with every blank-like arc's weight at the blank: right for the softmax
+            # part of every entry and for the label; the blank and the big blanks are then rewritten
+            _write_row_gradient(logits[b, t, u], g, blank, label, u < U_b, True, log_norm[b, t, u], lb,
+                                log_emit[b, t, u], blanks, emit, clamp, scale, log_norm)
+            # the arcs' own entries, from the lattice's log-probabilities (exp in the compute dtype, as the
+            # writer); a label may coincide with the blank or a big blank
             g_blank = math.exp(cast_like(lb, log_norm)) * occupancy - p_blank
-            if not label_done and label == blank:
+            if u < U_b and label == blank:
                 g_blank -= emit
-                label_done = True
             store(g, blank, min(max(g_blank, -limit), limit) * scale)
             for i in range(K):
-                s = t + durations[i]
-                lbig = log_big[b, t, u, i]
-                g_big = math.exp(cast_like(lbig, log_norm)) * occupancy
-                if s <= T_b:
-                    g_big -= math.exp(alpha + lbig + _beta_at(beta, s, u, T_b, U_b))
-                if not label_done and label == blank - 1 - i:
+                g_big = math.exp(cast_like(log_big[b, t, u, i], log_norm)) * occupancy - p_big[i]
+                if u < U_b and label == blank - 1 - i:
                     g_big -= emit
-                    label_done = True
                 store(g, blank - 1 - i, min(max(g_big, -limit), limit) * scale)
-            if not label_done:
-                g_label = math.exp(cast_like(log_emit[b, t, u], log_norm)) * occupancy - emit
-                store(g, label, min(max(g_label, -limit), limit) * scale)
 
 
 big_blank_log_probs_serial = _serial_variant(big_blank_log_probs)
