@@ -15,10 +15,10 @@ betas leave that one out). Every arc's log-probability is ``log_softmax(logits) 
 under-normalisation); the costs are ``-(1 + fastemit_lambda) * log P`` and the gradient w.r.t. the logits
 is clamped per utterance then scaled by ``grad_scale``, as in :mod:`.cpu` (and NeMo).
 
-Passes: :func:`rnnt_xla.kernels.cpu.log_normalizers` (unchanged: row shifts, blank and label
-log-probabilities), :func:`big_blank_log_probs` (the big blanks' log-probabilities from the same
-normalisers), :func:`alphas_and_costs`, :func:`betas`, :func:`gradients`. Entry points :func:`forward` and
-:func:`backward`; ``big_blank_durations: (K,) int64``, each ``>= 1``; ``blank`` normalised, ``blank >= K``.
+Passes: :func:`log_normalizers` (``cpu._normalise_frame``, the RNNT pass's row shifts, blank and label
+log-probabilities, plus the big blanks'), :func:`alphas_and_costs`, :func:`betas`, :func:`gradients`
+(``cpu._write_row_gradient``, the RNNT row writer, then the blank-like entries). Entry points :func:`forward`
+and :func:`backward`; ``big_blank_durations: (K,) int64``, each ``>= 1``; ``blank`` normalised, ``blank >= K``.
 Padded frames and label positions get exactly zero gradient; 16-bit logits as bits views as in :mod:`.cpu`.
 """
 
@@ -30,8 +30,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import cpu
-from .cpu import (_JIT, _PIVOT_LIMIT, _beta_at, _cells, _launch, _log_prob, _row_max, _rows, _section,
-                  _serial_variant, _sum_of_exp, _write_row_gradient, njit, prange)
+from .cpu import (_JIT, _PIVOT_LIMIT, _beta_at, _cells, _launch, _log_prob, _normalise_frame, _row_max, _rows,
+                  _section, _serial_variant, _sum_of_exp, _write_row_gradient, njit, prange)
 from .fast_math import cast_like, load, store
 
 __all__ = [
@@ -40,7 +40,7 @@ __all__ = [
     "allocate_residuals",
     "forward",
     "backward",
-    "big_blank_log_probs",
+    "log_normalizers",
     "alphas_and_costs",
     "betas",
     "gradients",
@@ -75,18 +75,23 @@ def allocate_residuals(batch: int, frames: int, positions: int, num_big_blanks: 
 
 
 @njit(parallel=True, **_JIT)
-def big_blank_log_probs(logits, logit_lengths, target_lengths, blank, log_norm, log_blank, out):
-    """Pass 1b: ``out[b, t, u, i]``, the log-probability of big blank ``i`` (entry ``blank - 1 - i``), from
-    pass 1's normalisers: a row's ``log_sum`` is ``(x_blank - shift) - log_blank`` (see ``cpu._PIVOT_LIMIT``;
-    rows with a masked or hopeless blank sum their row again). ``out: (B, T, U1, K)`` float64."""
+def log_normalizers(logits, targets, logit_lengths, target_lengths, blank, log_norm, log_blank, log_emit, log_big):
+    """Pass 1: each used row as ``cpu.log_normalizers`` (``cpu._normalise_frame``: shift, blank and label
+    log-probabilities), then ``log_big[b, t, u, i]``, the log-probability of big blank ``i`` (entry
+    ``blank - 1 - i``), float64, from the same normaliser while the frame is in cache: a row's ``log_sum``
+    is ``(x_blank - shift) - log_blank`` (see ``cpu._PIVOT_LIMIT``; rows with a masked or hopeless blank sum
+    their row again). ``log_big: (B, T, U1, K)``."""
     B, T, U1, V = logits.shape
-    K = out.shape[3]
+    K = log_big.shape[3]
     for bt in prange(B * T):
         b = bt // T
         t = bt - b * T
         if t >= logit_lengths[b]:
             continue
-        for u in range(target_lengths[b] + 1):
+        U_b = target_lengths[b]
+        _normalise_frame(logits[b, t], V, targets[b], U_b, blank, True, log_norm[b, t], log_blank[b, t],
+                         log_emit[b, t])
+        for u in range(U_b + 1):
             row = logits[b, t, u]
             shift = log_norm[b, t, u]
             lb = log_blank[b, t, u]
@@ -96,7 +101,7 @@ def big_blank_log_probs(logits, logit_lengths, target_lengths, blank, log_norm, 
                 shift = _row_max(row)
                 log_sum = math.log(np.float64(_sum_of_exp(row, shift, log_norm)))
             for i in range(K):
-                out[b, t, u, i] = _log_prob(load(row, blank - 1 - i), shift, log_sum)
+                log_big[b, t, u, i] = _log_prob(load(row, blank - 1 - i), shift, log_sum)
 
 
 @njit(parallel=True, **_JIT)
@@ -245,7 +250,7 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, durations, 
                 store(g, blank - 1 - i, min(max(g_big, -limit), limit) * scale)
 
 
-big_blank_log_probs_serial = _serial_variant(big_blank_log_probs)
+log_normalizers_serial = _serial_variant(log_normalizers)
 alphas_and_costs_serial = _serial_variant(alphas_and_costs)
 betas_serial = _serial_variant(betas)
 gradients_serial = _serial_variant(gradients)
@@ -262,11 +267,10 @@ def forward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray, 
     """
     durations = np.ascontiguousarray(big_blank_durations, dtype=np.int64)
     residuals = Residuals(*residuals)
-    cpu.normalise(logits, targets, logit_lengths, target_lengths, blank, True, residuals)
     rows = _rows(logits)
-    with _section("multiblank/big_blank_log_probs", rows, 1):
-        _launch(big_blank_log_probs, big_blank_log_probs_serial, rows, logits, logit_lengths, target_lengths, blank,
-                residuals.log_norm, residuals.log_blank, residuals.log_big_blanks)
+    with _section("multiblank/log_normalizers", rows, 1):
+        _launch(log_normalizers, log_normalizers_serial, rows, logits, targets, logit_lengths, target_lengths, blank,
+                residuals.log_norm, residuals.log_blank, residuals.log_emit, residuals.log_big_blanks)
     cells = _cells(residuals.alphas)
     with _section("multiblank/alphas_and_costs", 1, cells):
         _launch(alphas_and_costs, alphas_and_costs_serial, cells, residuals.log_blank, residuals.log_emit,
