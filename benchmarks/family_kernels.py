@@ -31,23 +31,27 @@ def problem(B: int, T: int, U: int, V: int, seed: int = 0):
     return logits, targets, np.full(B, T, np.int64), np.full(B, U, np.int64)
 
 
-def time_case(run_fwd, run_bwd, repeats: int) -> dict[str, float]:
-    run_fwd()
-    run_bwd()  # compile / load, warm the pages
-    fwd, bwd = [], []
+def time_cases(cases: dict, repeats: int) -> dict[str, dict[str, float]]:
+    """Median seconds of each case's ``(fwd, bwd)`` closures. The cases take turns, one run each per round,
+    so that a change in the machine's load (it is shared) shifts every case alike, not the ratios."""
+    for fwd, bwd in cases.values():
+        fwd()
+        bwd()  # compile / load, warm the pages
+    laps = {name: ([], []) for name in cases}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        run_fwd()
-        t1 = time.perf_counter()
-        run_bwd()
-        t2 = time.perf_counter()
-        fwd.append(t1 - t0)
-        bwd.append(t2 - t1)
-    return {"fwd": statistics.median(fwd), "bwd": statistics.median(bwd),
-            "fwd_bwd": statistics.median(f + b for f, b in zip(fwd, bwd))}
+        for name, (fwd, bwd) in cases.items():
+            t0 = time.perf_counter()
+            fwd()
+            t1 = time.perf_counter()
+            bwd()
+            t2 = time.perf_counter()
+            laps[name][0].append(t1 - t0)
+            laps[name][1].append(t2 - t1)
+    return {name: {"fwd": statistics.median(f), "bwd": statistics.median(b),
+                   "fwd_bwd": statistics.median(x + y for x, y in zip(f, b))} for name, (f, b) in laps.items()}
 
 
-def rnnt_case(shape, repeats: int, **variant) -> dict[str, float]:
+def rnnt_case(shape, **variant):
     from rnnt_xla.kernels import cpu
 
     B, T, U, V = shape
@@ -63,10 +67,10 @@ def rnnt_case(shape, repeats: int, **variant) -> dict[str, float]:
         cpu.backward(logits, targets, frames, labels, V - 1, True, 0.0, -1.0, scale, res, np.empty_like(logits),
                      **variant)
 
-    return time_case(fwd, bwd, repeats)
+    return fwd, bwd
 
 
-def multiblank_case(shape, repeats: int, durations=(2, 4, 8), sigma: float = 0.05) -> dict[str, float]:
+def multiblank_case(shape, durations=(2, 4, 8), sigma: float = 0.05):
     from rnnt_xla.kernels import cpu_multiblank
 
     B, T, U, V = shape
@@ -84,10 +88,10 @@ def multiblank_case(shape, repeats: int, durations=(2, 4, 8), sigma: float = 0.0
         cpu_multiblank.backward(logits, targets, frames, labels, V + K - 1, d, sigma, 0.0, -1.0, scale, res,
                                 np.empty_like(logits))
 
-    return time_case(fwd, bwd, repeats)
+    return fwd, bwd
 
 
-def plain_torch_case(shape, repeats: int, kind: str) -> dict[str, float]:
+def plain_torch_case(shape, kind: str):
     """The plain vectorised torch loss of ``plain_torch_family.py`` (forward, then autograd backward)."""
     import torch
 
@@ -110,7 +114,7 @@ def plain_torch_case(shape, repeats: int, kind: str) -> dict[str, float]:
         x.grad = None
         state.pop("loss").backward()
 
-    return time_case(fwd, bwd, repeats)
+    return fwd, bwd
 
 
 def main() -> None:
@@ -122,25 +126,24 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args()
     shape = tuple(int(x) for x in args.shape.split(","))
-    cases = {"rnnt regular": lambda: rnnt_case(shape, args.repeats)}
+    cases = {"rnnt regular": rnnt_case(shape)}
     if not args.regular_only:
         cases.update({
-            "multi-blank [2,4,8], sigma 0.05": lambda: multiblank_case(shape, args.repeats),
-            "rnnt modified": lambda: rnnt_case(shape, args.repeats, rnnt_type="modified"),
-            "rnnt constrained": lambda: rnnt_case(shape, args.repeats, rnnt_type="constrained"),
-            "rnnt regular, delay_penalty 0.1": lambda: rnnt_case(shape, args.repeats, delay_penalty=0.1),
-            "rnnt modified, delay_penalty 0.1": lambda: rnnt_case(shape, args.repeats, rnnt_type="modified",
-                                                                  delay_penalty=0.1),
+            "multi-blank [2,4,8], sigma 0.05": multiblank_case(shape),
+            "rnnt modified": rnnt_case(shape, rnnt_type="modified"),
+            "rnnt constrained": rnnt_case(shape, rnnt_type="constrained"),
+            "rnnt regular, delay_penalty 0.1": rnnt_case(shape, delay_penalty=0.1),
+            "rnnt modified, delay_penalty 0.1": rnnt_case(shape, rnnt_type="modified", delay_penalty=0.1),
         })
-    if args.plain and not args.regular_only:
-        for kind in ("multiblank", "modified", "constrained"):
-            cases[f"plain torch {kind}"] = lambda k=kind: plain_torch_case(shape, args.repeats, k)
-    results = {}
-    print(f"shape (B, T, U, V) = {shape}, median of {args.repeats}, float32, {os.cpu_count()} CPUs, "
+    print(f"shape (B, T, U, V) = {shape}, median of {args.repeats} rounds, float32, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}")
+    results = time_cases(cases, args.repeats)
+    if args.plain and not args.regular_only:  # on their own: taking turns with rnnt_xla slowed them (allocator)
+        plain = {f"plain torch {kind}": plain_torch_case(shape, kind) for kind in ("multiblank", "modified",
+                                                                                  "constrained")}
+        results.update(time_cases(plain, args.repeats))
     print(f"{'case':36s} {'fwd ms':>9s} {'bwd ms':>9s} {'fwd+bwd ms':>11s} {'vs regular':>10s}")
-    for name, run in cases.items():
-        results[name] = r = run()
+    for name, r in results.items():
         ratio = r["fwd_bwd"] / results["rnnt regular"]["fwd_bwd"]
         print(f"{name:36s} {r['fwd'] * 1e3:9.1f} {r['bwd'] * 1e3:9.1f} {r['fwd_bwd'] * 1e3:11.1f} {ratio:9.2f}x")
     if args.out:
