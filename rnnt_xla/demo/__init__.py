@@ -1,7 +1,8 @@
 """The main job, ``python -m rnnt_xla demo``: a spoken-digit recogniser trained with the rnnt_xla loss in
 PyTorch and in JAX/Flax.
 
-``python -m rnnt_xla demo [--data speech|synthetic] [--steps N] [--framework torch|jax|both] [--out DIR]``
+``python -m rnnt_xla demo [--data speech|synthetic] [--steps N] [--framework torch|jax|both] [--loss rnnt|fused]
+[--out DIR]`` (``--loss fused``: the joiner runs inside ``fused_rnnt_loss``, tile by tile)
 
 - :mod:`~rnnt_xla.demo.speech`: a corpus of spoken digit strings synthesised with eSpeak NG (optional
   ``demo`` extra, GPL-3.0, loaded at run time only) and its log-mel features, cached on disk;

@@ -23,6 +23,7 @@ SPEECH_MODEL = ModelConfig(hidden=128, strides=(2, 2), bidirectional=True, batch
                            final_lr=0.05)
 SPEECH_STEPS = 1000
 DEFAULT_OUT = Path("rnnt_xla_demo")
+_LOSS_NAMES = {"rnnt": "rnnt_loss on the joiner's logits", "fused": "fused_rnnt_loss (joiner inside the loss, tiled)"}
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Experiment:
     words: tuple[str, ...]  # printed form of label 1, 2, ...
     frame_seconds: float | None  # seconds per feature frame (None: not audio)
     description: str
+    loss: str = models.DEFAULT_LOSS  # one of models.LOSSES
 
     def say(self, labels: list[int]) -> str:
         return " ".join(self.words[label - 1] for label in labels)
@@ -117,11 +119,13 @@ def _train(name: str, experiment: Experiment, progress, console) -> Run:
 
     start = time.perf_counter()
     if name == "torch":
-        model, losses = models.train_torch(experiment.train, steps, experiment.model, on_step=on_step)
+        model, losses = models.train_torch(experiment.train, steps, experiment.model, on_step=on_step,
+                                           loss=experiment.loss)
         train_seconds = time.perf_counter() - start
         alignments = models.align_torch(model, experiment.test)
     else:
-        model, params, losses = models.train_jax(experiment.train, steps, experiment.model, on_step=on_step)
+        model, params, losses = models.train_jax(experiment.train, steps, experiment.model, on_step=on_step,
+                                                 loss=experiment.loss)
         train_seconds = time.perf_counter() - start
         alignments = models.align_jax(model, params, experiment.test, experiment.model)
     decode_seconds = time.perf_counter() - start - train_seconds
@@ -195,9 +199,9 @@ def _summary(console, experiment: Experiment, runs: list[Run], shown: int = 5) -
 
 
 def main(steps: int | None = None, framework: str = "both", data: str = "speech", out: Path | str | None = None,
-         cache_dir: Path | str | None = None, speech_config=None) -> int:
-    """Train and decode with the requested framework(s); 0 if every run trained (finite, falling loss),
-    1 if one did not, 2 for a usage error or a missing extra."""
+         cache_dir: Path | str | None = None, speech_config=None, loss: str = models.DEFAULT_LOSS) -> int:
+    """Train and decode with the requested framework(s) and loss (``models.LOSSES``); 0 if every run trained
+    (finite, falling loss), 1 if one did not, 2 for a usage error or a missing extra."""
     from rich.console import Console
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -206,6 +210,7 @@ def main(steps: int | None = None, framework: str = "both", data: str = "speech"
         raise ValueError(f"framework must be 'torch', 'jax' or 'both', got {framework!r}")
     if data not in ("speech", "synthetic"):
         raise ValueError(f"data must be 'speech' or 'synthetic', got {data!r}")
+    models._check_loss(loss)
     started = time.perf_counter()
     console = Console(soft_wrap=True)  # long lines stay whole when the output goes to a file or a test
     if steps is not None and steps < 1:
@@ -237,8 +242,10 @@ def main(steps: int | None = None, framework: str = "both", data: str = "speech"
             return 2
     else:
         experiment = synthetic_experiment(steps)
+    experiment.loss = loss
     console.print(experiment.description, highlight=False)
-    console.print(f"Model: {experiment.model}; {experiment.steps} steps per framework", highlight=False)
+    console.print(f"Model: {experiment.model}; {experiment.steps} steps per framework; loss: {_LOSS_NAMES[loss]}",
+                  highlight=False)
 
     runs = []
     columns = TextColumn("{task.description:>5}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}")
@@ -255,7 +262,8 @@ def main(steps: int | None = None, framework: str = "both", data: str = "speech"
     out.mkdir(parents=True, exist_ok=True)
     figures = _figures(experiment, runs, out)
     total = time.perf_counter() - started
-    summary = {"data": experiment.name, "description": experiment.description, "model": asdict(experiment.model),
+    summary = {"data": experiment.name, "loss": loss, "description": experiment.description,
+               "model": asdict(experiment.model),
                "seconds": total, "frameworks": results, "figures": figures}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     console.print(f"Figures: {', '.join(figures.values())}; results: {out / 'results.json'}", highlight=False)
