@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                              help="digit strings synthesised with eSpeak NG (default), or synthetic frames (fast)")
     demo_parser.add_argument("--steps", type=int, default=None, help="training steps per framework")
     demo_parser.add_argument("--framework", choices=["torch", "jax", "both"], default="both")
+    demo_parser.add_argument("--loss", choices=["rnnt", "tdt"], default="rnnt",
+                             help="rnnt (default), or tdt: the Token-and-Duration Transducer (the joiner also "
+                             "predicts durations 0-4, greedy decoding skips frames by them)")
     demo_parser.add_argument("--out", default=None, help="folder for results.json and the figures "
                              "(default ./rnnt_xla_demo)")
     demo_parser.add_argument("--cache-dir", default=None, help="folder of the synthesised corpus "
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         from rnnt_xla.demo import main as demo_main
 
         return demo_main(steps=args.steps, framework=args.framework, data=args.data, out=args.out,
-                         cache_dir=args.cache_dir)
+                         cache_dir=args.cache_dir, loss=args.loss)
     if args.command == "doctor":
         from rnnt_xla.doctor import main as doctor_main
 

@@ -6,7 +6,7 @@ import importlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ SPEECH_MODEL = ModelConfig(hidden=128, strides=(2, 2), bidirectional=True, batch
                            final_lr=0.05)
 SPEECH_STEPS = 1000
 DEFAULT_OUT = Path("rnnt_xla_demo")
+TDT_DURATIONS = (0, 1, 2, 3, 4)  # frames; --loss tdt (Parakeet-TDT's durations)
+LOSSES = {"rnnt": "RNN-T", "tdt": "TDT"}
 
 
 @dataclass
@@ -142,8 +144,10 @@ def _figures(experiment: Experiment, runs: list[Run], out: Path) -> dict[str, st
     from rnnt_xla.demo.plots import plot_alignment, plot_losses
 
     figures = {"loss_curves": str(plot_losses({r.framework: r.losses for r in runs}, out / "loss_curves.png",
-                                              f"rnnt_xla transducer loss, {experiment.name} data"))}
-    if experiment.frame_seconds is not None:
+                                              f"rnnt_xla {LOSSES[experiment.model.loss]} loss, "
+                                              f"{experiment.name} data"))}
+    # The alignment picture is the RNN-T lattice posterior; a TDT model's lattice has skipping arcs.
+    if experiment.frame_seconds is not None and not experiment.model.durations:
         run = runs[0]
         k = run.pictured
         reference = experiment.test.references()[k]
@@ -195,7 +199,7 @@ def _summary(console, experiment: Experiment, runs: list[Run], shown: int = 5) -
 
 
 def main(steps: int | None = None, framework: str = "both", data: str = "speech", out: Path | str | None = None,
-         cache_dir: Path | str | None = None, speech_config=None) -> int:
+         cache_dir: Path | str | None = None, speech_config=None, loss: str = "rnnt") -> int:
     """Train and decode with the requested framework(s); 0 if every run trained (finite, falling loss),
     1 if one did not, 2 for a usage error or a missing extra."""
     from rich.console import Console
@@ -206,6 +210,8 @@ def main(steps: int | None = None, framework: str = "both", data: str = "speech"
         raise ValueError(f"framework must be 'torch', 'jax' or 'both', got {framework!r}")
     if data not in ("speech", "synthetic"):
         raise ValueError(f"data must be 'speech' or 'synthetic', got {data!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(map(repr, LOSSES))}, got {loss!r}")
     started = time.perf_counter()
     console = Console(soft_wrap=True)  # long lines stay whole when the output goes to a file or a test
     if steps is not None and steps < 1:
@@ -223,6 +229,11 @@ def main(steps: int | None = None, framework: str = "both", data: str = "speech"
             frameworks.append(name)
         except ImportError as error:
             console.print(f"[yellow]{name} part skipped[/]: {escape(f'{error} (pip install -e .[{extras}])')}")
+    if loss == "tdt":
+        missing = [name for name in frameworks if not models.tdt_available(name)]
+        for name in missing:
+            console.print(f"[red]--loss tdt: rnnt_xla.{name}.tdt_loss is not in this version of rnnt_xla[/]")
+        frameworks = [name for name in frameworks if name not in missing]
     if not frameworks:
         return 2
 
@@ -237,6 +248,8 @@ def main(steps: int | None = None, framework: str = "both", data: str = "speech"
             return 2
     else:
         experiment = synthetic_experiment(steps)
+    if loss == "tdt":  # the joiner also predicts each token's duration; decoding skips frames by it
+        experiment.model = replace(experiment.model, durations=TDT_DURATIONS)
     console.print(experiment.description, highlight=False)
     console.print(f"Model: {experiment.model}; {experiment.steps} steps per framework", highlight=False)
 
@@ -255,7 +268,8 @@ def main(steps: int | None = None, framework: str = "both", data: str = "speech"
     out.mkdir(parents=True, exist_ok=True)
     figures = _figures(experiment, runs, out)
     total = time.perf_counter() - started
-    summary = {"data": experiment.name, "description": experiment.description, "model": asdict(experiment.model),
+    summary = {"data": experiment.name, "loss": loss, "description": experiment.description,
+               "model": asdict(experiment.model),
                "seconds": total, "frameworks": results, "figures": figures}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     console.print(f"Figures: {', '.join(figures.values())}; results: {out / 'results.json'}", highlight=False)

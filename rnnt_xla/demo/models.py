@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from rnnt_xla.demo.data import BLANK, Batch
-from rnnt_xla.demo.decoding import greedy_alignments
+from rnnt_xla.demo.decoding import greedy_alignments, greedy_tdt_alignments
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +46,12 @@ class ModelConfig:
     lr: float = 1e-2  # peak learning rate (Adam)
     warmup: int = 0  # steps of linear warm-up, then a cosine decay to final_lr * lr
     final_lr: float = 1.0  # 1.0: constant after the warm-up
+    # TDT durations (frames): the joiner also scores these and training uses the TDT loss; () is RNN-T.
+    durations: tuple[int, ...] = ()
+
+    @property
+    def loss(self) -> str:
+        return "tdt" if self.durations else "rnnt"
 
     def learning_rates(self, steps: int) -> np.ndarray:
         """``(steps,)`` float32: the learning rate of every step, the same table for both frameworks."""
@@ -62,6 +68,13 @@ def encoded_lengths(frame_lengths: np.ndarray, strides: tuple[int, ...]) -> np.n
     for s in strides:
         lengths = (lengths - 1) // s + 1
     return lengths.astype(np.int32)
+
+
+def tdt_available(framework: str) -> bool:
+    """Whether ``rnnt_xla.<framework>`` has ``tdt_loss`` (``--loss tdt``)."""
+    import importlib
+
+    return hasattr(importlib.import_module(f"rnnt_xla.{framework}"), "tdt_loss")
 
 
 # ------------------------------------------------------------------------------------------- PyTorch
@@ -104,7 +117,9 @@ def torch_transducer(vocab_size: int, feature_dim: int, config: ModelConfig = Mo
                                   bidirectional=config.bidirectional)
             self.embed = nn.Embedding(vocab_size, hidden)
             self.predictor = nn.GRU(hidden, hidden, batch_first=True)
-            self.output = nn.Linear(hidden, vocab_size)
+            # TDT: the label scores, then one score per duration (the duration head).
+            self.output = nn.Linear(hidden, vocab_size + len(config.durations))
+            self.durations = config.durations
             self._init_like_flax()
 
         @torch.no_grad()
@@ -158,14 +173,25 @@ def torch_transducer(vocab_size: int, feature_dim: int, config: ModelConfig = Mo
     return TorchTransducer()
 
 
+def torch_loss(config: ModelConfig) -> Callable:
+    """``loss(logits, labels, lengths, label_lengths)``, mean over the batch: rnnt_xla's RNN-T loss, or its
+    TDT loss over ``config.durations`` (the logits' last ``len(durations)`` entries are the duration head)."""
+    if config.durations:
+        from rnnt_xla.torch import tdt_loss
+
+        return lambda *args: tdt_loss(*args, list(config.durations), blank=BLANK, reduction="mean")
+    from rnnt_xla.torch import rnnt_loss
+
+    return lambda *args: rnnt_loss(*args, blank=BLANK, reduction="mean")
+
+
 def train_torch(task: Task, steps: int, config: ModelConfig = ModelConfig(), *, seed: int = 0,
                 on_step: Callable[[int, float], None] | None = None) -> tuple[torch.nn.Module, list[float]]:
     """Train the PyTorch model for ``steps`` Adam steps on batches drawn from ``task``.
     Returns ``(model, losses)``."""
     import torch
 
-    from rnnt_xla.torch import rnnt_loss
-
+    loss_fn = torch_loss(config)
     torch.manual_seed(seed)
     model = torch_transducer(task.vocab_size, task.feature_dim, config)
     rates = config.learning_rates(steps)
@@ -179,8 +205,7 @@ def train_torch(task: Task, steps: int, config: ModelConfig = ModelConfig(), *, 
             batch = task.sample(rng, config.batch_size)
             labels = torch.from_numpy(batch.labels)
             logits, lengths = model(torch.from_numpy(batch.frames), torch.from_numpy(batch.frame_lengths), labels)
-            loss = rnnt_loss(logits, labels, lengths, torch.from_numpy(batch.label_lengths), blank=BLANK,
-                             reduction="mean")
+            loss = loss_fn(logits, labels, lengths, torch.from_numpy(batch.label_lengths))
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # early RNNT gradients can spike
@@ -205,6 +230,8 @@ def align_torch(model: torch.nn.Module, batch: Batch) -> list[list[tuple[int, in
 
     with torch.no_grad(), _one_torch_thread():
         encoded, lengths = model.encode(torch.from_numpy(batch.frames), torch.from_numpy(batch.frame_lengths))
+        if model.durations:
+            return greedy_tdt_alignments(encoded, lengths.numpy(), predict, join, model.durations)
         return greedy_alignments(encoded, lengths.numpy(), predict, join)
 
 
@@ -244,7 +271,7 @@ def flax_transducer(vocab_size: int, config: ModelConfig = ModelConfig()) -> lin
             self.embed = nn.Embed(vocab_size, hidden)
             self.predictor_cell = nn.GRUCell(hidden)
             self.predictor = nn.RNN(self.predictor_cell)  # shares the cell's weights with predict_step
-            self.output = nn.Dense(vocab_size)
+            self.output = nn.Dense(vocab_size + len(config.durations))  # TDT: + the duration head
 
         def encode(self, frames: jax.Array, encoded_lengths: jax.Array) -> jax.Array:
             """``(B, T, F)`` frames, ``(B,)`` lengths after subsampling -> ``(B, T', H)``; the GRU reads only
@@ -275,6 +302,17 @@ def flax_transducer(vocab_size: int, config: ModelConfig = ModelConfig()) -> lin
     return FlaxTransducer()
 
 
+def jax_loss(config: ModelConfig) -> Callable:
+    """The JAX twin of :func:`torch_loss`."""
+    if config.durations:
+        from rnnt_xla.jax import tdt_loss
+
+        return lambda *args: tdt_loss(*args, list(config.durations), blank=BLANK, reduction="mean")
+    from rnnt_xla.jax import rnnt_loss
+
+    return lambda *args: rnnt_loss(*args, blank=BLANK, reduction="mean")
+
+
 def train_jax(task: Task, steps: int, config: ModelConfig = ModelConfig(), *, seed: int = 0,
               on_step: Callable[[int, float], None] | None = None) -> tuple[linen.Module, Any, list[float]]:
     """Train the Flax model with optax for ``steps`` steps on the same batches as :func:`train_torch`.
@@ -283,8 +321,7 @@ def train_jax(task: Task, steps: int, config: ModelConfig = ModelConfig(), *, se
     import jax.numpy as jnp
     import optax
 
-    from rnnt_xla.jax import rnnt_loss
-
+    loss_of = jax_loss(config)
     model = flax_transducer(task.vocab_size, config)
     shapes = (np.zeros((1, task.max_frames, task.feature_dim), np.float32), np.ones(1, np.int32),
               np.zeros((1, task.max_labels), np.int32))
@@ -298,7 +335,7 @@ def train_jax(task: Task, steps: int, config: ModelConfig = ModelConfig(), *, se
     def train_step(params, opt_state, frames, lengths, labels, label_lengths):
         def loss_fn(params):
             logits = model.apply(params, frames, lengths, labels)
-            return rnnt_loss(logits, labels, lengths, label_lengths, blank=BLANK, reduction="mean")
+            return loss_of(logits, labels, lengths, label_lengths)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = optimizer.update(grads, opt_state)
@@ -338,6 +375,8 @@ def align_jax(model: linen.Module, params: Any, batch: Batch, config: ModelConfi
     def join(encoded: jax.Array, predicted: np.ndarray) -> np.ndarray:
         return np.asarray(joiner(params, encoded, predicted))
 
+    if config.durations:
+        return greedy_tdt_alignments(encoded, lengths, predict, join, config.durations)
     return greedy_alignments(encoded, lengths, predict, join)
 
 
