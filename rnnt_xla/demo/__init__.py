@@ -24,6 +24,6 @@ from rnnt_xla.demo.models import (ModelConfig, align_jax, align_torch, decode_ja
                                   flax_transducer, torch_transducer, train_jax, train_torch)
 
 __all__ = ["BLANK", "Batch", "Corpus", "SyntheticTask", "alignment_posterior", "edit_distance", "greedy_alignments",
-           "greedy_decode", "greedy_tdt_alignments", "label_error_rate", "sequence_error_rate", "main", "ModelConfig", "align_jax",
-           "align_torch", "decode_jax", "decode_torch", "encoded_lengths", "flax_transducer", "torch_transducer",
-           "train_jax", "train_torch"]
+           "greedy_decode", "greedy_tdt_alignments", "label_error_rate", "sequence_error_rate", "main", "ModelConfig",
+           "align_jax", "align_torch", "decode_jax", "decode_torch", "encoded_lengths", "flax_transducer",
+           "torch_transducer", "train_jax", "train_torch"]
