@@ -2,8 +2,9 @@
 "modified" / "constrained" RNN-T with a delay penalty. The baselines a user would write without a custom
 kernel (as ``plain_torch.py`` is for RNN-T).
 
-Each loss takes one ``log_softmax`` over the vocabulary (PyTorch keeps it for the backward pass), gathers
-the few log-probabilities the lattice needs, and runs a Python loop over the frames in which every row of
+Each loss takes the few log-probabilities the lattice needs from one ``logsumexp`` over the vocabulary and
+one ``gather`` (as k2 does: no full log-softmax tensor, and autograd's backward of the pair is one
+softmax-sized gradient), puts them frame-major, and runs a Python loop over the frames in which every row of
 the forward variables (all label positions u at once) comes from a handful of tensor operations; autograd
 provides the backward pass. Where arcs stay on the same frame (RNN-T's and multi-blank's label arcs, TDT's
 duration-0 label arcs), a row is ``emit_cum + logcumsumexp(incoming - emit_cum)`` with ``emit_cum`` the
@@ -50,15 +51,26 @@ def _reduce(costs: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
 
 
-def _label_log_probs(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``(B, T, U+1)``: the log-probability of label y_{u+1} at (t, u), NEG at u = U (no label left).
+def _arc_log_probs(logits: torch.Tensor, targets: torch.Tensor, blanks: list[int]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the blank-like indices ``blanks`` (K of them) and of the next label at every
+    (t, u): ``(B, T, U+1, K)`` and ``(B, T, U+1)``, the label NEG at u = U (no label left).
 
-    ``log_probs: (B, T, U+1, V)``; ``targets: (B, >= U)`` int. Labels past U_b may hold anything: they are
-    clamped into [0, V) and only feed cells past U_b, which no cost reads."""
-    B, T, U1, V = log_probs.shape
-    labels = targets[:, : U1 - 1].long().clamp(0, V - 1)
-    picked = log_probs[:, :, :-1].gather(-1, labels[:, None, :, None].expand(B, T, U1 - 1, 1)).squeeze(-1)
-    return torch.nn.functional.pad(picked, (0, 1), value=NEG)
+    ``logits: (B, T, U+1, V)`` unnormalised; ``targets: (B, >= U)`` int. Labels past U_b may hold anything:
+    they are clamped into [0, V) and only feed cells past U_b, which no cost reads."""
+    B, T, U1, V = logits.shape
+    labels = torch.nn.functional.pad(targets[:, : U1 - 1].long().clamp(0, V - 1), (0, 1))  # (B, U+1)
+    index = torch.cat([torch.tensor(blanks, device=logits.device).expand(B, T, U1, len(blanks)),
+                       labels[:, None, :, None].expand(B, T, U1, 1)], dim=-1)
+    picked = logits.gather(-1, index) - torch.logsumexp(logits, dim=-1, keepdim=True)
+    label = torch.nn.functional.pad(picked[:, :, :-1, -1], (0, 1), value=NEG)
+    return picked[..., :-1], label
+
+
+def _frames(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(B, T, ...)`` -> T tensors ``(B, ...)``. One ``unbind`` instead of ``x[:, t]`` per frame: autograd
+    then stacks the frames' gradients once instead of filling a zero tensor of x's size for each of them."""
+    return x.unbind(1)
 
 
 def _shift_u(x: torch.Tensor) -> torch.Tensor:
@@ -110,13 +122,14 @@ def tdt_loss_plain_torch(
     V = VD - D
     if blank < 0:
         blank += V
-    log_probs = torch.log_softmax(logits[..., :V], dim=-1) - sigma
+    lp_blank, lp_label = _arc_log_probs(logits[..., :V], targets, [blank])
     duration_lp = torch.log_softmax(logits[..., V:], dim=-1)  # (B, T, U+1, D)
     # Arc scores with their duration, (B, T, U+1, D): blank arcs stay at u, label arcs go to u + 1.
-    blank_arcs = log_probs[..., blank, None] + duration_lp
-    label_arcs = _label_log_probs(log_probs, targets)[..., None] + duration_lp
+    blank_arcs = lp_blank - sigma + duration_lp
+    label_arcs = (lp_label - sigma)[..., None] + duration_lp
     zero = durations.index(0) if 0 in durations else None
-    emit_cum = _exclusive_cumsum(label_arcs[..., zero]) if zero is not None else None  # (B, T, U+1)
+    emit_cum = _frames(_exclusive_cumsum(label_arcs[..., zero])) if zero is not None else None
+    blank_rows, label_rows = _frames(blank_arcs.transpose(2, 3)), _frames(label_arcs.transpose(2, 3))  # (B, D, U+1)
 
     rows: list[torch.Tensor] = []
     for t in range(T):
@@ -124,13 +137,13 @@ def tdt_loss_plain_torch(
         for i, d in enumerate(durations):
             if 0 < d <= t:  # arcs of duration d from frame t - d
                 s = t - d
-                terms.append(rows[s] + blank_arcs[:, s, :, i])
-                terms.append(_shift_u(rows[s] + label_arcs[:, s, :, i]))
+                terms.append(rows[s] + blank_rows[s][:, i])
+                terms.append(_shift_u(rows[s] + label_rows[s][:, i]))
         incoming = _logsumexp(terms) if terms else torch.full((B, U1), NEG, dtype=logits.dtype, device=logits.device)
         if emit_cum is None:
             rows.append(incoming)
         else:  # then the duration-0 label arcs along the row
-            cum = emit_cum[:, t]
+            cum = emit_cum[t]
             rows.append(cum + torch.logcumsumexp(incoming - cum, dim=-1))
     alphas = torch.stack(rows, dim=1)  # (B, T, U+1)
 
@@ -172,18 +185,19 @@ def multiblank_rnnt_loss_plain_torch(
     B, T, U1, V = logits.shape
     if blank < 0:
         blank += V
-    log_probs = torch.log_softmax(logits, dim=-1) - sigma
     # (B, T, U+1, 1 + K): the standard blank (duration 1) and the big blanks, in NeMo's order.
-    blank_lp = log_probs[..., [blank] + [blank - 1 - i for i in range(len(durations))]]
+    blank_lp, lp_label = _arc_log_probs(logits, targets, [blank] + [blank - 1 - i for i in range(len(durations))])
+    blank_lp = blank_lp - sigma
     steps = [1] + durations
-    emit_cum = _exclusive_cumsum(_label_log_probs(log_probs, targets))  # (B, T, U+1)
+    emit_cum = _frames(_exclusive_cumsum(lp_label - sigma))
+    blank_rows = _frames(blank_lp.transpose(2, 3))  # (B, 1 + K, U+1)
 
     rows: list[torch.Tensor] = []
     for t in range(T):
         terms = [_start(B, U1, logits)] if t == 0 else []
-        terms += [rows[t - d] + blank_lp[:, t - d, :, j] for j, d in enumerate(steps) if d <= t]
+        terms += [rows[t - d] + blank_rows[t - d][:, j] for j, d in enumerate(steps) if d <= t]
         incoming = _logsumexp(terms) if terms else torch.full((B, U1), NEG, dtype=logits.dtype, device=logits.device)
-        cum = emit_cum[:, t]
+        cum = emit_cum[t]
         rows.append(cum + torch.logcumsumexp(incoming - cum, dim=-1))
     alphas = torch.stack(rows, dim=1)
 
@@ -225,9 +239,8 @@ def modified_rnnt_loss_plain_torch(
     B, T, U1, V = logits.shape
     if blank < 0:
         blank += V
-    log_probs = torch.log_softmax(logits, dim=-1)
-    lp_blank = log_probs[..., blank]  # (B, T, U+1)
-    lp_label = _label_log_probs(log_probs, targets)
+    lp_blank, lp_label = _arc_log_probs(logits, targets, [blank])
+    lp_blank = lp_blank[..., 0]  # (B, T, U+1)
     if rnnt_type == "constrained":
         lp_label = lp_label + torch.nn.functional.pad(lp_blank[..., 1:], (0, 1), value=NEG)
     if delay_penalty != 0.0:
@@ -237,9 +250,9 @@ def modified_rnnt_loss_plain_torch(
 
     # rows[t] = alpha after t frames, (B, U+1); every arc consumes one frame.
     rows = [_start(B, U1, logits)]
-    for t in range(T):
+    for blank_t, label_t in zip(_frames(lp_blank), _frames(lp_label)):
         prev = rows[-1]
-        rows.append(torch.logaddexp(prev + lp_blank[:, t], _shift_u(prev + lp_label[:, t])))
+        rows.append(torch.logaddexp(prev + blank_t, _shift_u(prev + label_t)))
     alphas = torch.stack(rows, dim=1)  # (B, T+1, U+1)
     batch = torch.arange(B, device=logits.device)
     return _reduce(-alphas[batch, logit_lengths.long(), target_lengths.long()], reduction)
