@@ -258,6 +258,19 @@ def modified_rnnt_loss_plain_torch(
     return _reduce(-alphas[batch, logit_lengths.long(), target_lengths.long()], reduction)
 
 
+# The names benchmarks/family_kernels.py (the multi-blank branch) imports: per-utterance costs (B,).
+def multiblank_loss_plain_torch(logits, targets, logit_lengths, target_lengths, big_blank_durations, blank=-1,
+                                sigma=0.0) -> torch.Tensor:
+    return multiblank_rnnt_loss_plain_torch(logits, targets, logit_lengths, target_lengths, big_blank_durations,
+                                            blank=blank, sigma=sigma, reduction="none")
+
+
+def rnnt_variant_loss_plain_torch(logits, targets, logit_lengths, target_lengths, blank=-1, rnnt_type="modified",
+                                  delay_penalty=0.0) -> torch.Tensor:
+    return modified_rnnt_loss_plain_torch(logits, targets, logit_lengths, target_lengths, blank=blank,
+                                          rnnt_type=rnnt_type, delay_penalty=delay_penalty, reduction="none")
+
+
 def nemo_tdt_fixed_case() -> dict:
     """NeMo's TDT known answer (tests/collections/asr/numba/rnnt_loss/test_rnnt_pytorch.py,
     TestTDTLoss.test_case_fixed_case_act_label): zero activations, B=1, T=3, U=1 label (label 0), V=3 labels
