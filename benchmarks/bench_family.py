@@ -313,7 +313,8 @@ def markdown(report: dict) -> str:
              f"numba {env.get('numba')}, transformers {env.get('transformers')}. Load average (1 min) before / after "
              f"the timings: {noise['loadavg_before']:.2f} / {noise['loadavg_after']:.2f}; CPU used by other "
              f"processes during the timings: "
-             + ("?" if noise["other_cores"] is None else f"{noise['other_cores']:.2f} cores") + ".", "",
+             + ("?" if noise["other_cores"] is None else f"{noise['other_cores']:.2f} cores") + "."
+             + (f" {report['note']}" if report.get("note") else ""), "",
              "### fwd+bwd on CPU: median time per call (ms), x = time / rnnt_xla_torch's; peak RSS growth of one "
              "fwd+bwd in a fresh process (x logits size, the gradient included)", "",
              "| loss | B,T,U,V | implementation | fwd+bwd ms | min ms | x | runs | RSS growth MB | loss value |",
@@ -410,6 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak RSS measurements")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "family_vm.json")
+    parser.add_argument("--note", default=None, help="a line for the report (e.g. what the checkout holds)")
     parser.add_argument("--child", nargs=3, metavar=("LOSS", "IMPL", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -447,6 +449,7 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {"repeats": args.repeats, "durations": DURATIONS, "big_blank_durations": BIG_BLANKS,
                      "reduction": "mean", "order": "back-to-back per implementation"},
         "noise": noise,
+        "note": args.note,
         "implementations": {r.impl + f" ({r.loss})": r.description for r in results if r.description},
         "not_run": ["NeMo TDTLossPytorch / MultiblankRNNTLossPytorch: .cuda() on CPU inputs (TDT) and Python "
                     "loops over B, T, U of scalar tensor ops; nemo_toolkit not installable without its training stack",
