@@ -1,4 +1,10 @@
-"""JAX adapter: ``rnnt_loss`` with the same names, defaults, semantics and errors as ``rnnt_xla.torch``.
+"""JAX adapter: ``rnnt_loss``, ``tdt_loss`` and ``multiblank_rnnt_loss`` with the same names, defaults,
+semantics and errors as ``rnnt_xla.torch``.
+
+Every loss of ``rnnt_xla.family`` runs through the same ``custom_vjp``, with the loss's
+:class:`~rnnt_xla.family.LossSpec` among its static options. TDT's ``omega`` takes an explicit
+``key=`` (required when ``omega > 0``): ``jax.random.uniform(key)`` is an input of the callbacks, which
+use the plain RNNT loss of the label scores when it is below omega (per vmapped example under ``vmap``).
 
 The loss is a ``jax.custom_vjp`` whose forward and backward are ``jax.experimental.buffer_callback``s:
 XLA hands the callbacks its own input and output buffers, the Numba kernels read the logits and write the
@@ -44,12 +50,13 @@ import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from . import family
 from .kernels import cpu
 from .kernels import cuda as cuda_kernels
 from .reductions import gradient_scale, reduce_costs
 from .validation import ArraySpec, LossShape, check_arguments, check_lengths_and_labels
 
-__all__ = ["rnnt_loss", "fused_rnnt_loss"]
+__all__ = ["rnnt_loss", "tdt_loss", "multiblank_rnnt_loss", "fused_rnnt_loss"]
 
 
 class _Options(NamedTuple):
@@ -57,9 +64,7 @@ class _Options(NamedTuple):
 
     shape: LossShape
     reduction: str
-    fused_log_softmax: bool
-    fastemit_lambda: float
-    clamp: float
+    spec: family.LossSpec  # the loss and its options (kind, blank, fused_log_softmax, fastemit_lambda, clamp, ...)
     mean_batch: int  # the B of "mean" reductions: the whole batch, also when this call sees one shard
     check_values: bool  # check lengths and labels in the program (they were traced, not checked eagerly)
 
@@ -79,9 +84,9 @@ def _fold(buffer, trailing: int) -> np.ndarray:
     return a.reshape((int(np.prod(a.shape[:split])),) + a.shape[split:])
 
 
-def _fold_f64(buffer, trailing: int) -> np.ndarray:
-    """Like :func:`_fold` for a float64 residual stored as ``(..., 2)`` uint32 (see module docstring)."""
-    return _fold(np.asarray(buffer).view(np.float64)[..., 0], trailing)
+def _fold_pairs(buffer, trailing: int, dtype: np.dtype) -> np.ndarray:
+    """Like :func:`_fold` for a 64-bit residual stored as ``(..., 2)`` uint32 (see module docstring)."""
+    return _fold(np.asarray(buffer).view(dtype)[..., 0], trailing)
 
 
 def _indices(targets, logit_lengths, target_lengths) -> list[np.ndarray]:
@@ -89,24 +94,34 @@ def _indices(targets, logit_lengths, target_lengths) -> list[np.ndarray]:
             for a, k in ((targets, 1), (logit_lengths, 0), (target_lengths, 0))]
 
 
-def _residual_types(logits) -> cpu.Residuals:
+@functools.lru_cache(maxsize=None)
+def _residual_layout(spec: family.LossSpec, dtype: np.dtype) -> tuple[tuple[int, np.dtype, bool], ...]:
+    """Per residual of ``spec``'s loss for logits of ``dtype``: the number of axes after the batch, its
+    dtype, and whether it travels as uint32 pairs (64 bits without ``jax_enable_x64``: logits not float64)."""
+    return tuple((len(shape) - 1, np.dtype(dt), np.dtype(dt).itemsize == 8 and np.dtype(dtype) != np.float64)
+                 for shape, dt in family.residual_shapes(spec, 1, 1, 1, dtype))
+
+
+def _residual_types(spec: family.LossSpec, logits) -> tuple:
     *lead, T, U1, _ = logits.shape
     types = []
-    for shape, dtype in cpu.residual_shapes(1, T, U1, logits.dtype):
+    for shape, dtype in family.residual_shapes(spec, 1, T, U1, logits.dtype):
         full = tuple(lead) + shape[1:]
-        if dtype == np.float64 and dtype != logits.dtype:
+        if np.dtype(dtype).itemsize == 8 and np.dtype(dtype) != logits.dtype:
             types.append(jax.ShapeDtypeStruct(full + (2,), jnp.uint32))
         else:
             types.append(jax.ShapeDtypeStruct(full, dtype))
-    return cpu.Residuals(*types)
+    return tuple(types)
 
 
-def _host_residuals(buffers) -> cpu.Residuals:
-    arrays = []
-    for buffer, trailing in zip(buffers, (2, 2, 2, 2, 0)):
-        raw = np.asarray(buffer)
-        arrays.append(_fold(raw, trailing) if raw.dtype != np.uint32 else _fold_f64(raw, trailing))
-    return cpu.Residuals(*arrays)
+def _host_residuals(options: _Options, dtype, buffers) -> list[np.ndarray]:
+    return [_fold_pairs(buffer, trailing, dt) if pairs else _fold(buffer, trailing)
+            for buffer, (trailing, dt, pairs) in zip(buffers, _residual_layout(options.spec, np.dtype(dtype)))]
+
+
+def _modes(options: _Options, draw_buf: tuple) -> np.ndarray | bool:
+    """TDT's omega mode per folded group (``family.label_head_only``) from the draw buffer, if any."""
+    return family.label_head_only(options.spec, np.asarray(draw_buf[0]) if draw_buf else None)
 
 
 def _mark_varying(outputs, inputs):
@@ -131,19 +146,20 @@ def _on_gpu(buffer) -> bool:
     return buffer.__dlpack_device__()[0] == _DLPACK_CUDA
 
 
-def _fold_gpu(buffer, trailing: int, f64_pairs: bool = False):
-    """Like :func:`_fold` (or :func:`_fold_f64` with ``f64_pairs``) for a GPU buffer: a Numba device view,
-    bfloat16 as its int16 bits (``cuda_kernels.kernel_dtype``)."""
-    shape = tuple(buffer.shape[:-1] if f64_pairs else buffer.shape)
+def _fold_gpu(buffer, trailing: int, pairs_of=None):
+    """Like :func:`_fold` (or :func:`_fold_pairs` with ``pairs_of``, the 64-bit dtype) for a GPU buffer: a
+    Numba device view, bfloat16 as its int16 bits (``cuda_kernels.kernel_dtype``)."""
+    shape = tuple(buffer.shape[:-1] if pairs_of is not None else buffer.shape)
     split = len(shape) - trailing
     folded = (int(np.prod(shape[:split])),) + shape[split:]
     bfloat16 = np.dtype(buffer.dtype).name == "bfloat16"
-    return cuda_kernels.device_view(buffer, folded, np.float64 if f64_pairs else np.int16 if bfloat16 else None)
+    view = pairs_of if pairs_of is not None else np.int16 if bfloat16 else None
+    return cuda_kernels.device_view(buffer, folded, view)
 
 
-def _gpu_residuals(buffers) -> cpu.Residuals:
-    return cpu.Residuals(*(_fold_gpu(buffer, trailing, np.dtype(buffer.dtype) == np.uint32)
-                           for buffer, trailing in zip(buffers, (2, 2, 2, 2, 0))))
+def _gpu_residuals(options: _Options, dtype, buffers) -> list:
+    return [_fold_gpu(buffer, trailing, dt if pairs else None)
+            for buffer, (trailing, dt, pairs) in zip(buffers, _residual_layout(options.spec, np.dtype(dtype)))]
 
 
 def _gpu_indices(targets, logit_lengths, target_lengths) -> list:
@@ -151,7 +167,7 @@ def _gpu_indices(targets, logit_lengths, target_lengths) -> list:
 
 
 def _forward_gpu(options: _Options, stream: int, out, logits_buf, targets_buf, logit_lengths_buf,
-                 target_lengths_buf) -> None:
+                 target_lengths_buf, draw_buf) -> None:
     """The forward callback on a GPU: lengths and labels come to the host for validation and the ``B``
     costs for the shared reduction (each a copy on XLA's stream and a wait); the rest stays on the GPU."""
     loss, residuals = out
@@ -161,8 +177,10 @@ def _forward_gpu(options: _Options, stream: int, out, logits_buf, targets_buf, l
         host_idx = [np.ascontiguousarray(cuda_kernels.to_host(a, stream), dtype=np.int64) for a in idx]
         check_lengths_and_labels(*host_idx, options.shape)
         costs = cuda_kernels.empty(host_idx[2].shape, loss.dtype, stream)
-        cuda_kernels.forward(_fold_gpu(logits_buf, 3), *idx, options.shape.blank, options.fused_log_softmax,
-                             options.fastemit_lambda, costs, _gpu_residuals(residuals), stream)
+        draws = [cuda_kernels.to_host(_fold_gpu(d, 0), stream) for d in draw_buf]
+        family.cuda_forward(options.spec, _fold_gpu(logits_buf, 3), *idx, costs,
+                            _gpu_residuals(options, logits_buf.dtype, residuals), stream,
+                            label_head_only=_modes(options, draws))
         per_call = (-1, B) if options.reduction == "none" else (-1,)
         reduced = np.empty(loss.shape, dtype=loss.dtype)
         reduce_costs(cuda_kernels.to_host(costs, stream).reshape(-1, B), host_idx[2].reshape(-1, B),
@@ -171,7 +189,7 @@ def _forward_gpu(options: _Options, stream: int, out, logits_buf, targets_buf, l
 
 
 def _backward_gpu(options: _Options, stream: int, grads, logits_buf, targets_buf, logit_lengths_buf,
-                  target_lengths_buf, residual_bufs, grad_loss_buf) -> None:
+                  target_lengths_buf, residual_bufs, grad_loss_buf, draw_buf) -> None:
     """The backward callback on a GPU: the per-utterance gradient scale is computed on the host from the
     incoming gradient and the target lengths; ``cuda_kernels.backward`` copies it over, allocates the
     betas itself and waits for its kernels before returning (see its docstring)."""
@@ -183,32 +201,34 @@ def _backward_gpu(options: _Options, stream: int, grads, logits_buf, targets_buf
         grad_loss = cuda_kernels.to_host(_fold_gpu(grad_loss_buf, 0), stream).reshape(per_call)
         grad_scale = gradient_scale(grad_loss, target_lengths.reshape(-1, B), options.reduction,
                                     options.mean_batch).reshape(-1)
-        cuda_kernels.backward(_fold_gpu(logits_buf, 3), *idx, options.shape.blank, options.fused_log_softmax,
-                              options.fastemit_lambda, options.clamp, grad_scale, _gpu_residuals(residual_bufs),
-                              _fold_gpu(grads, 3), stream)
+        draws = [cuda_kernels.to_host(_fold_gpu(d, 0), stream) for d in draw_buf]
+        family.cuda_backward(options.spec, _fold_gpu(logits_buf, 3), *idx, grad_scale,
+                             _gpu_residuals(options, logits_buf.dtype, residual_bufs), _fold_gpu(grads, 3), stream,
+                             label_head_only=_modes(options, draws))
 
 
 @dataclasses.dataclass(frozen=True)
 class _ForwardCallback:
     """The forward ``buffer_callback``. A value object, not a closure: JAX caches compiled programs on the
     callback, so equal options must give an equal (and hashable) callback, and it must not capture arrays
-    (a closure over the logits kept every eager call's program and logits alive)."""
+    (a closure over the logits kept every eager call's program and logits alive). ``draw_buf``: TDT's
+    omega draw (one per folded group), only when the loss draws one."""
 
     options: _Options
 
-    def __call__(self, ctx, out, logits_buf, targets_buf, logit_lengths_buf, target_lengths_buf) -> None:
+    def __call__(self, ctx, out, logits_buf, targets_buf, logit_lengths_buf, target_lengths_buf, *draw_buf) -> None:
         options = self.options
         if _on_gpu(logits_buf):
             return _forward_gpu(options, ctx.stream, out, logits_buf, targets_buf, logit_lengths_buf,
-                                target_lengths_buf)
+                                target_lengths_buf, draw_buf)
         B = options.shape.batch
         loss, residuals = out
         idx = _indices(targets_buf, logit_lengths_buf, target_lengths_buf)
         check_lengths_and_labels(*idx, options.shape)
         logits = cpu.as_kernel_array(_fold(logits_buf, 3))
         costs = np.empty(idx[2].shape, dtype=cpu.compute_dtype(np.dtype(logits_buf.dtype)))
-        cpu.forward(logits, *idx, options.shape.blank, options.fused_log_softmax, options.fastemit_lambda,
-                    costs, _host_residuals(residuals))
+        family.forward(options.spec, logits, *idx, costs, _host_residuals(options, logits_buf.dtype, residuals),
+                       _modes(options, draw_buf))
         per_call = (-1, B) if options.reduction == "none" else (-1,)
         reduce_costs(costs.reshape(-1, B), idx[2].reshape(-1, B), options.reduction,
                      np.asarray(loss).reshape(per_call), options.mean_batch)
@@ -221,11 +241,11 @@ class _BackwardCallback:
     options: _Options
 
     def __call__(self, ctx, grads, logits_buf, targets_buf, logit_lengths_buf, target_lengths_buf,
-                 residual_bufs, grad_loss_buf) -> None:
+                 residual_bufs, grad_loss_buf, *draw_buf) -> None:
         options = self.options
         if _on_gpu(logits_buf):
             return _backward_gpu(options, ctx.stream, grads, logits_buf, targets_buf, logit_lengths_buf,
-                                 target_lengths_buf, residual_bufs, grad_loss_buf)
+                                 target_lengths_buf, residual_bufs, grad_loss_buf, draw_buf)
         B = options.shape.batch
         idx = _indices(targets_buf, logit_lengths_buf, target_lengths_buf)
         per_call = (-1, B) if options.reduction == "none" else (-1,)
@@ -233,9 +253,9 @@ class _BackwardCallback:
                                     options.reduction, options.mean_batch).reshape(-1)
         grads_host = cpu.as_kernel_array(_fold(grads, 3))
         cpu.advise_huge_pages(grads_host)  # XLA's fresh output buffer: fewer first-touch page faults
-        cpu.backward(cpu.as_kernel_array(_fold(logits_buf, 3)), *idx, options.shape.blank,
-                     options.fused_log_softmax, options.fastemit_lambda, options.clamp, grad_scale,
-                     _host_residuals(residual_bufs), grads_host)
+        family.backward(options.spec, cpu.as_kernel_array(_fold(logits_buf, 3)), *idx, grad_scale,
+                        _host_residuals(options, logits_buf.dtype, residual_bufs), grads_host,
+                        _modes(options, draw_buf))
 
 
 def _keep_off_the_fast_path() -> None:
@@ -267,42 +287,49 @@ def _differentiable_once(fun, message: str = _SECOND_ORDER):
     return fun
 
 
+def _draws(draw) -> tuple:
+    """The optional draw as extra callback inputs."""
+    return () if draw is None else (draw,)
+
+
 @_differentiable_once
-def _forward(options: _Options, logits, targets, logit_lengths, target_lengths):
-    """``(loss, residuals)``: the reduced loss (``(..., B)`` for ``"none"``) and ``cpu.Residuals``."""
+def _forward(options: _Options, logits, targets, logit_lengths, target_lengths, draw):
+    """``(loss, residuals)``: the reduced loss (``(..., B)`` for ``"none"``) and the residuals
+    (``family.residual_shapes``). ``draw``: TDT's omega draw, or ``None``."""
     loss_shape = logits.shape[:-3] if options.reduction == "none" else logits.shape[:-4]
-    out_types = (jax.ShapeDtypeStruct(loss_shape, cpu.compute_dtype(logits.dtype)), _residual_types(logits))
+    out_types = (jax.ShapeDtypeStruct(loss_shape, cpu.compute_dtype(logits.dtype)),
+                 _residual_types(options.spec, logits))
     run = buffer_callback(_ForwardCallback(options), out_types, vmap_method="broadcast_all")
-    inputs = (logits, targets, logit_lengths, target_lengths)
+    inputs = (logits, targets, logit_lengths, target_lengths, *_draws(draw))
     if options.check_values:  # traced lengths and labels: the callback checks them and may raise
         jax.debug.callback(_keep_off_the_fast_path)
     return _mark_varying(run(*inputs), inputs)
 
 
 @_differentiable_once
-def _backward(options: _Options, logits, targets, logit_lengths, target_lengths, residuals, grad_loss):
+def _backward(options: _Options, logits, targets, logit_lengths, target_lengths, residuals, grad_loss, draw):
     """The gradient w.r.t. the logits, ``(..., B, T, U+1, V)`` in the logits' dtype."""
     run = buffer_callback(_BackwardCallback(options), jax.ShapeDtypeStruct(logits.shape, logits.dtype),
                           vmap_method="broadcast_all")
-    inputs = (logits, targets, logit_lengths, target_lengths, residuals, grad_loss)
+    inputs = (logits, targets, logit_lengths, target_lengths, residuals, grad_loss, *_draws(draw))
     return _mark_varying(run(*inputs), inputs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _rnnt_loss(options: _Options, logits, targets, logit_lengths, target_lengths):
-    loss, _ = _forward(options, logits, targets, logit_lengths, target_lengths)
+def _rnnt_loss(options: _Options, logits, targets, logit_lengths, target_lengths, draw=None):
+    loss, _ = _forward(options, logits, targets, logit_lengths, target_lengths, draw)
     return loss
 
 
-def _rnnt_loss_fwd(options: _Options, logits, targets, logit_lengths, target_lengths):
-    loss, residuals = _forward(options, logits, targets, logit_lengths, target_lengths)
-    return loss, (logits, targets, logit_lengths, target_lengths, residuals)
+def _rnnt_loss_fwd(options: _Options, logits, targets, logit_lengths, target_lengths, draw=None):
+    loss, residuals = _forward(options, logits, targets, logit_lengths, target_lengths, draw)
+    return loss, (logits, targets, logit_lengths, target_lengths, residuals, draw)
 
 
 def _rnnt_loss_bwd(options: _Options, saved, grad_loss):
-    logits, targets, logit_lengths, target_lengths, residuals = saved
-    grads = _backward(options, logits, targets, logit_lengths, target_lengths, residuals, grad_loss)
-    return grads, None, None, None
+    logits, targets, logit_lengths, target_lengths, residuals, draw = saved
+    grads = _backward(options, logits, targets, logit_lengths, target_lengths, residuals, grad_loss, draw)
+    return grads, None, None, None, None
 
 
 _rnnt_loss.defvjp(_rnnt_loss_fwd, _rnnt_loss_bwd)
@@ -319,6 +346,39 @@ class _BatchSplit(NamedTuple):
     axes: tuple[str, ...]
 
 
+_BATCH_AXIS_DOC = """
+        batch_axis: mesh axis name (or tuple of names) over which the batch is sharded, for ``jit`` with
+            ``NamedSharding`` inputs on *Auto* mesh axes, where the sharding is not visible while tracing.
+            The mesh is that of the inputs, else the current one (``jax.set_mesh``). Each device then runs
+            the kernels on its own shard (``shard_map``), and no logits are gathered. Not needed with
+            Explicit axes or eagerly, where the batch sharding of the logits is seen and used by itself."""
+
+
+def _family_loss(arrays: tuple, batch_axis, reduction: str, key=None, **options) -> jax.Array:
+    """Every public loss: the checks (``validation.check_arguments`` with ``options``), the values' checks
+    when concrete, TDT's omega draw from ``key``, and the jitted program."""
+    names = ("logits", "targets", "logit_lengths", "target_lengths")
+    shape = check_arguments(*(_spec(n, a) for n, a in zip(names, arrays)), reduction=reduction, **options)
+    logits, targets, logit_lengths, target_lengths = arrays
+    concrete = _is_concrete(targets, logit_lengths, target_lengths)
+    if concrete:
+        check_lengths_and_labels(*_indices(targets, logit_lengths, target_lengths), shape)
+    options.pop("blank")
+    spec = family.make_spec(shape, **options)
+    draw = None
+    if spec.uses_draw:
+        if key is None:
+            raise ValueError(f"key must be given (a jax.random key) when omega > 0 (omega={spec.omega}): with "
+                             "probability omega a call uses the plain RNNT loss of the label scores")
+        draw = jax.random.uniform(key, (), jnp.float32)
+    if shape.batch == 0:  # an empty shard: a zero (or empty) loss, whose gradient is zero
+        return jnp.zeros((0,) if reduction == "none" else (), cpu.compute_dtype(np.dtype(logits.dtype)))
+    options = _Options(shape, reduction, spec, mean_batch=shape.batch, check_values=not concrete)
+    # jnp.asarray on a traced JAX array inserts a copy of the logits in eager jax.grad: convert others only.
+    arrays = tuple(a if isinstance(a, jax.Array) else jnp.asarray(a) for a in arrays)
+    return _loss(options, _batch_split(arrays[0], batch_axis), *arrays, draw)
+
+
 def rnnt_loss(
     logits: jax.Array,
     targets: jax.Array,
@@ -329,10 +389,13 @@ def rnnt_loss(
     reduction: str = "mean",
     fused_log_softmax: bool = True,
     fastemit_lambda: float = 0.0,
+    rnnt_type: str = "regular",
+    delay_penalty: float = 0.0,
     *,
     batch_axis: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
-    """RNN-Transducer loss (Graves, 2012) with FastEmit; see ``rnnt_xla.torch.rnnt_loss`` for the semantics.
+    """RNN-Transducer loss (Graves, 2012) with FastEmit and k2's variants; see ``rnnt_xla.torch.rnnt_loss``
+    for the semantics.
 
     Args:
         logits: ``(B, T, U+1, V)`` float32/float16/bfloat16 (float64 with ``jax_enable_x64``) joiner output
@@ -341,12 +404,8 @@ def rnnt_loss(
         targets: ``(B, W)`` int32/int64 labels, ``W >= max(target_lengths)``.
         logit_lengths: ``(B,)`` int32/int64, in ``[1, T]``.
         target_lengths: ``(B,)`` int32/int64, in ``[0, min(U, W)]``.
-        blank, clamp, reduction, fused_log_softmax, fastemit_lambda: static Python values, as in torch.
-        batch_axis: mesh axis name (or tuple of names) over which the batch is sharded, for ``jit`` with
-            ``NamedSharding`` inputs on *Auto* mesh axes, where the sharding is not visible while tracing.
-            The mesh is that of the inputs, else the current one (``jax.set_mesh``). Each device then runs
-            the kernels on its own shard (``shard_map``), and no logits are gathered. Not needed with
-            Explicit axes or eagerly, where the batch sharding of the logits is seen and used by itself.
+        blank, clamp, reduction, fused_log_softmax, fastemit_lambda, rnnt_type, delay_penalty: static Python
+            values, as in torch.{batch_axis}
 
     Returns:
         ``(B,)`` costs for ``reduction="none"``, else a scalar: float64 for float64 logits, else float32.
@@ -358,32 +417,90 @@ def rnnt_loss(
         jax.errors.JaxRuntimeError: invalid lengths or labels that are traced (under ``jit``): raised when
             the program runs, with the ``ValueError``'s message.
     """
-    names = ("logits", "targets", "logit_lengths", "target_lengths")
-    arrays = (logits, targets, logit_lengths, target_lengths)
-    shape = check_arguments(*(_spec(n, a) for n, a in zip(names, arrays)), blank=blank, clamp=clamp,
-                            reduction=reduction, fused_log_softmax=fused_log_softmax,
-                            fastemit_lambda=fastemit_lambda)
-    concrete = _is_concrete(targets, logit_lengths, target_lengths)
-    if concrete:
-        check_lengths_and_labels(*_indices(targets, logit_lengths, target_lengths), shape)
-    if shape.batch == 0:  # an empty shard: a zero (or empty) loss, whose gradient is zero
-        return jnp.zeros((0,) if reduction == "none" else (), cpu.compute_dtype(np.dtype(logits.dtype)))
-    options = _Options(shape, reduction, bool(fused_log_softmax), float(fastemit_lambda), float(clamp),
-                       mean_batch=shape.batch, check_values=not concrete)
-    # jnp.asarray on a traced JAX array inserts a copy of the logits in eager jax.grad: convert others only.
-    arrays = tuple(a if isinstance(a, jax.Array) else jnp.asarray(a) for a in arrays)
-    return _loss(options, _batch_split(arrays[0], batch_axis), *arrays)
+    return _family_loss((logits, targets, logit_lengths, target_lengths), batch_axis, reduction, blank=blank,
+                        clamp=clamp, fused_log_softmax=fused_log_softmax, fastemit_lambda=fastemit_lambda,
+                        rnnt_type=rnnt_type, delay_penalty=delay_penalty)
+
+
+def tdt_loss(
+    logits: jax.Array,
+    targets: jax.Array,
+    logit_lengths: jax.Array,
+    target_lengths: jax.Array,
+    durations,
+    blank: int = -1,
+    sigma: float = 0.0,
+    omega: float = 0.0,
+    clamp: float = -1.0,
+    reduction: str = "mean",
+    fastemit_lambda: float = 0.0,
+    *,
+    key: jax.Array | None = None,
+    batch_axis: str | tuple[str, ...] | None = None,
+) -> jax.Array:
+    """Token-and-Duration Transducer loss; see ``rnnt_xla.torch.tdt_loss`` for the semantics.
+
+    Args:
+        logits: ``(B, T, U+1, V + len(durations))``: the label scores (blank among them, default the last)
+            then the duration scores; dtypes as :func:`rnnt_loss`.
+        targets, logit_lengths, target_lengths: as :func:`rnnt_loss`.
+        durations, blank, sigma, omega, clamp, reduction, fastemit_lambda: static Python values, as in torch.
+        key: a ``jax.random`` key, required when ``omega > 0``: the call uses the plain RNNT loss of the label
+            scores when ``jax.random.uniform(key) < omega`` (traced; under ``vmap`` with a batched key,
+            per example).{batch_axis}
+
+    Returns / Raises: as :func:`rnnt_loss` (``NotImplementedError`` on a GPU for now).
+    """
+    return _family_loss((logits, targets, logit_lengths, target_lengths), batch_axis, reduction, key=key,
+                        kind="tdt", blank=blank, clamp=clamp, fused_log_softmax=True, fastemit_lambda=fastemit_lambda,
+                        durations=durations, sigma=sigma, omega=omega)
+
+
+def multiblank_rnnt_loss(
+    logits: jax.Array,
+    targets: jax.Array,
+    logit_lengths: jax.Array,
+    target_lengths: jax.Array,
+    big_blank_durations,
+    blank: int = -1,
+    sigma: float = 0.0,
+    clamp: float = -1.0,
+    reduction: str = "mean",
+    fastemit_lambda: float = 0.0,
+    *,
+    batch_axis: str | tuple[str, ...] | None = None,
+) -> jax.Array:
+    """Multi-blank RNN-Transducer loss; see ``rnnt_xla.torch.multiblank_rnnt_loss`` for the semantics.
+
+    Args:
+        logits: ``(B, T, U+1, V)``: labels, big blanks (big blank ``i`` at ``blank - 1 - i``), then the
+            standard blank; dtypes as :func:`rnnt_loss`.
+        targets, logit_lengths, target_lengths: as :func:`rnnt_loss`.
+        big_blank_durations, blank, sigma, clamp, reduction, fastemit_lambda: static Python values, as in
+            torch.{batch_axis}
+
+    Returns / Raises: as :func:`rnnt_loss` (``NotImplementedError`` on a GPU for now).
+    """
+    return _family_loss((logits, targets, logit_lengths, target_lengths), batch_axis, reduction,
+                        kind="multiblank", blank=blank, clamp=clamp, fused_log_softmax=True,
+                        fastemit_lambda=fastemit_lambda, durations=big_blank_durations, sigma=sigma)
+
+
+for _function in (rnnt_loss, tdt_loss, multiblank_rnnt_loss):
+    if _function.__doc__:  # None under python -OO
+        _function.__doc__ = _function.__doc__.replace("{batch_axis}", _BATCH_AXIS_DOC)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _loss(options: _Options, split: _BatchSplit | None, logits, targets, logit_lengths, target_lengths):
+def _loss(options: _Options, split: _BatchSplit | None, logits, targets, logit_lengths, target_lengths, draw):
     """The loss as one jitted program, so that an eager call runs one cached program for its shape and
-    options instead of dispatching each operation on its own; under an outer ``jit`` it is inlined."""
+    options instead of dispatching each operation on its own; under an outer ``jit`` it is inlined.
+    ``draw``: TDT's omega draw, or ``None``."""
     if split is not None:
-        return _sharded_over_batch(options, split, logits, targets, logit_lengths, target_lengths)
+        return _sharded_over_batch(options, split, logits, targets, logit_lengths, target_lengths, draw)
     # Arrays explicitly sharded other than over the batch: the kernels need whole rows, so gather them.
     arrays = [_replicated(a) for a in (logits, targets, logit_lengths, target_lengths)]
-    return _rnnt_loss(options, *arrays)
+    return _rnnt_loss(options, *arrays, draw)
 
 
 def _replicated(a: jax.Array) -> jax.Array:
@@ -422,16 +539,20 @@ def _batch_split(logits: jax.Array, batch_axis: str | tuple[str, ...] | None) ->
     return _BatchSplit(mesh, axes) if logits.shape[0] % _mesh_size(mesh, axes) == 0 else None
 
 
-def _sharded_over_batch(options: _Options, split: _BatchSplit, logits, targets, logit_lengths, target_lengths):
+def _sharded_over_batch(options: _Options, split: _BatchSplit, logits, targets, logit_lengths, target_lengths,
+                        draw=None):
     """Each device runs the kernels on its own shard of the batch (``shard_map``); the reduced loss is
     summed across devices and the gradient keeps the batch sharding of the logits. No logits are gathered
-    (only the other axes of logits that are also sharded elsewhere than over the batch)."""
+    (only the other axes of logits that are also sharded elsewhere than over the batch). TDT's omega
+    ``draw`` is the same on every device."""
     mesh, axes = split
     spec = P(axes)
     local = options._replace(shape=dataclasses.replace(options.shape, batch=logits.shape[0] // _mesh_size(mesh, axes)))
     arrays = [_resharded(a, mesh, spec) for a in (logits, targets, logit_lengths, target_lengths)]
+    draws = () if draw is None else (draw,)
 
     def per_shard(*shard):
+        shard = (*shard[:4], shard[4] if draws else None)
         if options.reduction == "mean_volume":  # the volume is the whole batch's: sum, then divide by it
             loss = jax.lax.psum(_rnnt_loss(local._replace(reduction="sum"), *shard), axes)
             volume = jax.lax.psum(jnp.sum(shard[3]), axes)
@@ -440,7 +561,8 @@ def _sharded_over_batch(options: _Options, split: _BatchSplit, logits, targets, 
         return loss if options.reduction == "none" else jax.lax.psum(loss, axes)
 
     out_spec = spec if options.reduction == "none" else P()
-    return jax.shard_map(per_shard, mesh=mesh, in_specs=(spec,) * 4, out_specs=out_spec)(*arrays)
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=(spec,) * 4 + (P(),) * len(draws),
+                         out_specs=out_spec)(*arrays, *draws)
 
 
 def _resharded(a: jax.Array, mesh, spec: P) -> jax.Array:

@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+import rnnt_xla
+
+
+def _source_hash() -> str:
+    package = Path(rnnt_xla.__file__).parent
+    digest = hashlib.sha1()
+    for path in sorted(package.glob("*.py")) + sorted(package.glob("kernels/*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# torch.compile's on-disk caches (AOTAutograd, FX graphs) key a custom operator by its name, not its schema:
+# a graph compiled against another version of rnnt_xla's operators (another checkout on this machine, an
+# older commit) is loaded and then fails on the outputs' shapes. One cache directory per version of the
+# package's source keeps them apart (subprocesses inherit it); a cache directory set by the user is kept.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"torchinductor_rnnt_xla_{_source_hash()}"))
 
 
 @dataclass

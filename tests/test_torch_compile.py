@@ -151,6 +151,8 @@ def test_fake_cuda_tensors_get_the_cuda_output_dtypes():
                                "none", True, 0.0, 1)
         grads = loss_backward(outputs[0], logits, *outputs[1:], 0, -1.0, "none", True, 0.0, 1)
         assert rnnt_loss(logits, outputs[1], index, index).shape == ()
+    outputs, unused = outputs[:9], outputs[9:]  # RNNT uses 5 of the residual slots; the others are empty
+    assert [(tuple(o.shape), o.dtype) for o in unused] == [((3, 0), torch.float32)] * 3
     assert [(tuple(o.shape), o.dtype) for o in outputs] == [
         ((3,), torch.float32), ((3, 2), torch.int32), ((3,), torch.int32), ((3,), torch.int32),
         ((3, 7, 4), torch.float32), ((3, 7, 4), torch.float64), ((3, 7, 4), torch.float64),
