@@ -188,6 +188,15 @@ def time_one(prepared: Prepared, repeats: int, max_warmup: int, result: Result) 
     result.min_s = min(result.times_s)
 
 
+def _failure(exc: Exception) -> str:
+    why = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    # Not importable, not in this checkout, or an adapter whose kernels are not part of this build (JAX
+    # wraps the kernel's NotImplementedError in its own error).
+    if isinstance(exc, (ImportError, LookupError, NotImplementedError)) or "not part of this build" in str(exc):
+        return f"not available: {why}"
+    return f"{type(exc).__name__}: {why}"
+
+
 def run(losses: list[str], shapes: list[Shape], impls: list[str] | None, repeats: int, max_warmup: int,
         console) -> list[Result]:
     results = []
@@ -200,20 +209,17 @@ def run(losses: list[str], shapes: list[Shape], impls: list[str] | None, repeats
                 result = Result(loss, shape, impl, inputs.logits_bytes)
                 results.append(result)
                 console.print(f"{loss} {shape} {impl} ...", end=" ")
+                prepared = None
                 try:
                     prepared, result.description = prepare(loss, impl, inputs)
-                except (ImportError, LookupError) as exc:
-                    result.error = f"not available: {exc}"
-                    console.print(f"[yellow]{result.error}")
-                    continue
-                try:
                     time_one(prepared, repeats, max_warmup, result)
                     console.print(f"median {result.median_s * 1e3:,.1f} ms, loss {result.value:.4f}")
                 except Exception as exc:  # keep going; the table shows the failure
-                    result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    result.error = _failure(exc)
                     result.times_s.clear()
-                    console.print(f"[red]{result.error}")
-                prepared.release()
+                    console.print(f"[{'yellow' if result.error.startswith('not available') else 'red'}]{result.error}")
+                if prepared is not None:
+                    prepared.release()
                 del prepared
     ref = {(r.loss, r.shape): r.median_s for r in results if r.impl == REFERENCE and r.median_s}
     for r in results:

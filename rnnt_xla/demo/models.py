@@ -71,10 +71,13 @@ def encoded_lengths(frame_lengths: np.ndarray, strides: tuple[int, ...]) -> np.n
 
 
 def tdt_available(framework: str) -> bool:
-    """Whether ``rnnt_xla.<framework>`` has ``tdt_loss`` (``--loss tdt``)."""
+    """Whether ``rnnt_xla.<framework>`` has a working ``tdt_loss`` (``--loss tdt``): the function and its CPU
+    kernels (``rnnt_xla.kernels.cpu_tdt``)."""
     import importlib
+    import importlib.util
 
-    return hasattr(importlib.import_module(f"rnnt_xla.{framework}"), "tdt_loss")
+    return (hasattr(importlib.import_module(f"rnnt_xla.{framework}"), "tdt_loss")
+            and importlib.util.find_spec("rnnt_xla.kernels.cpu_tdt") is not None)
 
 
 # ------------------------------------------------------------------------------------------- PyTorch
