@@ -20,6 +20,8 @@ Array arguments (``B`` batch, ``T`` max frames, ``U1 = U + 1`` label positions, 
 
 Padded frames (``t >= T_b``) and label positions (``u > U_b``) receive exactly zero gradient.
 The pass entry points :func:`forward` and :func:`backward` hold no math; they call the kernels in order.
+The other losses' kernel modules (``cpu_tdt``) reuse this module's row passes: :func:`_normalise_frame`
+(pass 1 on one frame) and :func:`_write_row_gradient` (one row of pass 4), and its thread choice.
 """
 
 from __future__ import annotations
@@ -214,6 +216,33 @@ def _log_prob(x, shift, log_sum):
     return fence(np.float64(x) - np.float64(shift)) - log_sum
 
 
+@njit(**_JIT)
+def _normalise_frame(frame, width, labels, U_b, blank, fused_log_softmax, norms, log_blank, log_emit):
+    """Pass 1 on the used rows ``u <= U_b`` of one frame, each a distribution over its first ``width`` entries.
+
+    ``frame: (U1, >= width)`` logits of one ``(b, t)`` (a TDT row has its duration scores after them),
+    ``labels: (>= U_b,)``; writes ``norms, log_blank, log_emit: (U1,)`` (see :func:`log_normalizers`).
+    """
+    frame_shift = _row_max(frame[0, :width]) if fused_log_softmax else cast_like(0.0, norms)
+    if fused_log_softmax:
+        for u in range(U_b + 1):
+            norms[u] = _sum_of_exp(frame[u, :width], frame_shift, norms)
+    for u in range(U_b + 1):
+        row = frame[u, :width]
+        shift = frame_shift
+        log_sum = 0.0  # float64: the lattice's log-probabilities keep the digits the compute dtype drops
+        if fused_log_softmax:
+            s = norms[u]
+            if s >= _SUM_LOW and s <= _SUM_HIGH:
+                log_sum = math.log(np.float64(s))
+            else:
+                shift = _row_max(row)  # -inf for a row with every entry masked: its utterance is NaN
+                log_sum = math.log(np.float64(_sum_of_exp(row, shift, norms)))
+        norms[u] = shift
+        log_blank[u] = _log_prob(load(row, blank), shift, log_sum)
+        log_emit[u] = _log_prob(load(row, labels[u]), shift, log_sum) if u < U_b else -np.inf
+
+
 @njit(parallel=True, **_JIT)
 def log_normalizers(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax,
                     log_norm, log_blank, log_emit):
@@ -229,7 +258,7 @@ def log_normalizers(logits, targets, logit_lengths, target_lengths, blank, fused
     shifted by the maximum of the frame's first row instead of its own maximum, which saves a pass over
     the row. A row whose sum leaves ``[_SUM_LOW, _SUM_HIGH]`` (a very different range, infinities, NaN)
     is summed again with its own maximum as its shift. The sums of a frame are taken before their logs so
-    that the rows do not wait for each other's scalar ``log``.
+    that the rows do not wait for each other's scalar ``log`` (:func:`_normalise_frame`).
     """
     B, T, U1, V = logits.shape
     for bt in prange(B * T):
@@ -237,26 +266,8 @@ def log_normalizers(logits, targets, logit_lengths, target_lengths, blank, fused
         t = bt - b * T
         if t >= logit_lengths[b]:
             continue
-        U_b = target_lengths[b]
-        norms = log_norm[b, t]
-        frame_shift = _row_max(logits[b, t, 0]) if fused_log_softmax else cast_like(0.0, log_norm)
-        if fused_log_softmax:
-            for u in range(U_b + 1):
-                norms[u] = _sum_of_exp(logits[b, t, u], frame_shift, log_norm)
-        for u in range(U_b + 1):
-            row = logits[b, t, u]
-            shift = frame_shift
-            log_sum = 0.0  # float64: the lattice's log-probabilities keep the digits the compute dtype drops
-            if fused_log_softmax:
-                s = norms[u]
-                if s >= _SUM_LOW and s <= _SUM_HIGH:
-                    log_sum = math.log(np.float64(s))
-                else:
-                    shift = _row_max(row)  # -inf for a row with every entry masked: its utterance is NaN
-                    log_sum = math.log(np.float64(_sum_of_exp(row, shift, log_norm)))
-            norms[u] = shift
-            log_blank[b, t, u] = _log_prob(load(row, blank), shift, log_sum)
-            log_emit[b, t, u] = _log_prob(load(row, targets[b, u]), shift, log_sum) if u < U_b else -np.inf
+        _normalise_frame(logits[b, t], V, targets[b], target_lengths[b], blank, fused_log_softmax,
+                         log_norm[b, t], log_blank[b, t], log_emit[b, t])
 
 
 # The gradient pass recovers a row's log_sum as (x_blank - shift) - log_blank, exact up to the rounding of
@@ -330,20 +341,72 @@ def betas(log_blank, log_emit, logit_lengths, target_lengths, out):
                     beta[t, u] = _log_add(beta[t + 1, u] + blank[t, u], beta[t, u + 1] + emit[t, u])
 
 
+@njit(**_JIT)
+def _write_row_gradient(row, g, blank, label, has_label, fused_log_softmax, shift, log_blank, log_emit,
+                        p_blank, emit, clamp, scale, like):
+    """The gradient of one row's cost w.r.t. its ``V`` logits (or log-probabilities), clamped and scaled.
+
+    ``row, g: (V,)`` the row's logits and its gradient (same dtype; 16-bit as bits); ``shift`` and
+    ``log_blank``/``log_emit`` (float64 log-softmax of the blank and of ``label``) from pass 1; ``p_blank``
+    and ``emit`` the weights of the blank and label transitions out of the row (posteriors, the label's
+    already times ``1 + fastemit_lambda``); ``like`` an array of the compute dtype.
+
+    The gradient w.r.t. the log-probabilities is ``-p_blank`` at the blank and ``-emit`` at the label (both
+    when they coincide); through the fused log-softmax every entry also gets ``softmax_v * (p_blank + emit)``,
+    with ``softmax_v = exp(x_v - shift) / sum`` (the blank and label entries from the lattice's
+    log-probabilities).
+    """
+    V = row.shape[0]
+    limit = clamp if clamp > 0 else np.inf
+    if fused_log_softmax:
+        occupancy = p_blank + emit
+        # softmax = exp(x - shift) / sum: x - shift is exact-ish whatever the logits' common offset
+        # (the rounded log-sum-exp is not), see log_normalizers. exp(x - shift) cannot overflow:
+        # a shift shared by the frame is only kept for rows whose sum is at most _SUM_HIGH.
+        lb = log_blank
+        if abs(lb) <= _PIVOT_LIMIT:  # log(sum) = (x_blank - shift) - log_blank
+            inv_sum = math.exp(-_log_prob(load(row, blank), shift, lb))
+        else:  # a masked or hopeless blank (rare): the row's own maximum and sum
+            shift = _row_max(row)
+            inv_sum = 1.0 / np.float64(_sum_of_exp(row, shift, like))
+        if clamp > 0:
+            occ = cast_like(occupancy * inv_sum, like)
+            lim = cast_like(limit, like)
+            sc = cast_like(scale, like)
+            for v in range(V):
+                x = fast_exp(load(row, v) - shift) * occ
+                x = lim if x > lim else x
+                x = -lim if x < -lim else x
+                store(g, v, x * sc)
+        else:  # the common case, one multiply per entry (10-15% faster pass)
+            weight = cast_like(occupancy * inv_sum * scale, like)
+            for v in range(V):
+                store(g, v, fast_exp(load(row, v) - shift) * weight)
+        # the blank and the label from the lattice's log-probabilities, exponentiated in the compute
+        # dtype (a float32 exp is cheaper; its absolute error exp(lp) * |lp| * eps is at most eps)
+        g_blank = math.exp(cast_like(lb, like)) * occupancy - p_blank
+        g_label = math.exp(cast_like(log_emit, like)) * occupancy - emit if has_label else 0.0
+    else:
+        g[:] = 0
+        g_blank = -p_blank
+        g_label = -emit
+    if has_label and label == blank:  # a label equal to blank: both transitions use the entry
+        g_blank -= emit
+    store(g, blank, min(max(g_blank, -limit), limit) * scale)
+    if has_label and label != blank:
+        store(g, label, min(max(g_label, -limit), limit) * scale)
+
+
 @njit(parallel=True, **_JIT)
 def gradients(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, fastemit_lambda,
               clamp, grad_scale, log_norm, log_blank, log_emit, alphas, betas, log_likelihood, grads):
     """Pass 4: ``grads[b] = clip(d cost_b / d logits[b], -clamp, clamp) * grad_scale[b]``.
 
-    With P_blank and P_label the posteriors of the blank and label transitions out of ``(t, u)``, the
-    gradient w.r.t. the log-probabilities is ``-P_blank`` at the blank and ``-(1 + lambda) * P_label`` at
-    the label (both when they coincide); through the fused log-softmax every entry also gets
-    ``softmax_v * (P_blank + (1 + lambda) * P_label)``, with ``softmax_v = exp(x_v - shift) / sum`` (the
-    blank and label entries from the lattice's log-probabilities).
+    With P_blank and P_label the posteriors of the blank and label transitions out of ``(t, u)``, each row's
+    gradient is written by :func:`_write_row_gradient` (FastEmit weighs P_label by ``1 + lambda``).
     """
     B, T, U1, V = logits.shape
     emit_weight = 1.0 + fastemit_lambda
-    limit = clamp if clamp > 0 else np.inf
     for bt in prange(B * T):
         b = bt // T
         t = bt - b * T
@@ -368,46 +431,9 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, fused_log_s
                 p_blank = 0.0
             label = targets[b, u] if u < U_b else blank
             p_label = math.exp(alpha + log_emit[b, t, u] + betas[b, t, u + 1] - ll) if u < U_b else 0.0
-            emit = emit_weight * p_label
-            row = logits[b, t, u]
-            if fused_log_softmax:
-                occupancy = p_blank + emit
-                # softmax = exp(x - shift) / sum: x - shift is exact-ish whatever the logits' common offset
-                # (the rounded log-sum-exp is not), see log_normalizers. exp(x - shift) cannot overflow:
-                # a shift shared by the frame is only kept for rows whose sum is at most _SUM_HIGH.
-                shift = log_norm[b, t, u]
-                lb = log_blank[b, t, u]
-                if abs(lb) <= _PIVOT_LIMIT:  # log(sum) = (x_blank - shift) - log_blank
-                    inv_sum = math.exp(-_log_prob(load(row, blank), shift, lb))
-                else:  # a masked or hopeless blank (rare): the row's own maximum and sum
-                    shift = _row_max(row)
-                    inv_sum = 1.0 / np.float64(_sum_of_exp(row, shift, log_norm))
-                if clamp > 0:
-                    occ = cast_like(occupancy * inv_sum, log_norm)
-                    lim = cast_like(limit, log_norm)
-                    sc = cast_like(scale, log_norm)
-                    for v in range(V):
-                        x = fast_exp(load(row, v) - shift) * occ
-                        x = lim if x > lim else x
-                        x = -lim if x < -lim else x
-                        store(g, v, x * sc)
-                else:  # the common case, one multiply per entry (10-15% faster pass)
-                    weight = cast_like(occupancy * inv_sum * scale, log_norm)
-                    for v in range(V):
-                        store(g, v, fast_exp(load(row, v) - shift) * weight)
-                # the blank and the label from the lattice's log-probabilities, exponentiated in the compute
-                # dtype (a float32 exp is cheaper; its absolute error exp(lp) * |lp| * eps is at most eps)
-                g_blank = math.exp(cast_like(lb, log_norm)) * occupancy - p_blank
-                g_label = math.exp(cast_like(log_emit[b, t, u], log_norm)) * occupancy - emit if u < U_b else 0.0
-            else:
-                g[:] = 0
-                g_blank = -p_blank
-                g_label = -emit
-            if u < U_b and label == blank:  # a label equal to blank: both transitions use the entry
-                g_blank -= emit
-            store(g, blank, min(max(g_blank, -limit), limit) * scale)
-            if u < U_b and label != blank:
-                store(g, label, min(max(g_label, -limit), limit) * scale)
+            _write_row_gradient(logits[b, t, u], g, blank, label, u < U_b, fused_log_softmax, log_norm[b, t, u],
+                                log_blank[b, t, u], log_emit[b, t, u], p_blank, emit_weight * p_label, clamp,
+                                scale, log_norm)
 
 
 def _serial_variant(kernel):
