@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     demo_parser.add_argument("--framework", choices=["torch", "jax", "both"], default="both")
     demo_parser.add_argument("--loss", choices=LOSSES, default=DEFAULT_LOSS,
                              help="rnnt: rnnt_loss on the joiner's full output (default); fused: fused_rnnt_loss, "
-                             "the joiner evaluated inside the loss tile by tile")
+                             "the joiner evaluated inside the loss tile by tile; tdt: the Token-and-Duration Transducer (the joiner "
+                             "also predicts durations 0-4, greedy decoding skips frames by them)")
     demo_parser.add_argument("--out", default=None, help="folder for results.json and the figures "
                              "(default ./rnnt_xla_demo)")
     demo_parser.add_argument("--cache-dir", default=None, help="folder of the synthesised corpus "

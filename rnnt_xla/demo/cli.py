@@ -6,7 +6,7 @@ import importlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,9 @@ SPEECH_MODEL = ModelConfig(hidden=128, strides=(2, 2), bidirectional=True, batch
                            final_lr=0.05)
 SPEECH_STEPS = 1000
 DEFAULT_OUT = Path("rnnt_xla_demo")
-_LOSS_NAMES = {"rnnt": "rnnt_loss on the joiner's logits", "fused": "fused_rnnt_loss (joiner inside the loss, tiled)"}
+_LOSS_NAMES = {"rnnt": "rnnt_loss on the joiner's logits", "fused": "fused_rnnt_loss (joiner inside the loss, tiled)",
+               "tdt": "tdt_loss (the joiner also scores durations 0-4)"}
+_LOSS_TITLES = {"rnnt": "RNN-T", "fused": "fused RNN-T", "tdt": "TDT"}
 
 
 @dataclass
@@ -146,8 +148,10 @@ def _figures(experiment: Experiment, runs: list[Run], out: Path) -> dict[str, st
     from rnnt_xla.demo.plots import plot_alignment, plot_losses
 
     figures = {"loss_curves": str(plot_losses({r.framework: r.losses for r in runs}, out / "loss_curves.png",
-                                              f"rnnt_xla transducer loss, {experiment.name} data"))}
-    if experiment.frame_seconds is not None:
+                                              f"rnnt_xla {_LOSS_TITLES[experiment.loss]} loss, "
+                                              f"{experiment.name} data"))}
+    # The alignment picture is the RNN-T lattice posterior; a TDT model's lattice has skipping arcs.
+    if experiment.frame_seconds is not None and not experiment.model.durations:
         run = runs[0]
         k = run.pictured
         reference = experiment.test.references()[k]
@@ -228,6 +232,11 @@ def main(steps: int | None = None, framework: str = "both", data: str = "speech"
             frameworks.append(name)
         except ImportError as error:
             console.print(f"[yellow]{name} part skipped[/]: {escape(f'{error} (pip install -e .[{extras}])')}")
+    if loss == "tdt":
+        missing = [name for name in frameworks if not models.tdt_available(name)]
+        for name in missing:
+            console.print(f"[red]--loss tdt: rnnt_xla.{name}.tdt_loss is not in this version of rnnt_xla[/]")
+        frameworks = [name for name in frameworks if name not in missing]
     if not frameworks:
         return 2
 
@@ -243,6 +252,8 @@ def main(steps: int | None = None, framework: str = "both", data: str = "speech"
     else:
         experiment = synthetic_experiment(steps)
     experiment.loss = loss
+    if loss == "tdt":  # the joiner also predicts each token's duration; decoding skips frames by it
+        experiment.model = models.config_for(loss, experiment.model)
     console.print(experiment.description, highlight=False)
     console.print(f"Model: {experiment.model}; {experiment.steps} steps per framework; loss: {_LOSS_NAMES[loss]}",
                   highlight=False)

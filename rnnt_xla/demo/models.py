@@ -10,6 +10,8 @@ the decoder is the shared numpy code of :mod:`rnnt_xla.demo.decoding`.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from rnnt_xla.demo.data import BLANK, Batch
-from rnnt_xla.demo.decoding import greedy_alignments
+from rnnt_xla.demo.decoding import greedy_alignments, greedy_tdt_alignments
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +48,12 @@ class ModelConfig:
     lr: float = 1e-2  # peak learning rate (Adam)
     warmup: int = 0  # steps of linear warm-up, then a cosine decay to final_lr * lr
     final_lr: float = 1.0  # 1.0: constant after the warm-up
+    # TDT durations (frames): the joiner also scores these and training uses the TDT loss; () is RNN-T.
+    durations: tuple[int, ...] = ()
+
+    @property
+    def loss(self) -> str:
+        return "tdt" if self.durations else "rnnt"
 
     def learning_rates(self, steps: int) -> np.ndarray:
         """``(steps,)`` float32: the learning rate of every step, the same table for both frameworks."""
@@ -58,13 +66,26 @@ class ModelConfig:
 
 # The losses the demo can train with (``--loss``): the plain loss on the joiner's full output, or the fused
 # joint + loss, which never holds the (B, T', U+1, V) logits. Each framework maps these names to a function.
-LOSSES = ("rnnt", "fused")
+# "tdt" trains a Token-and-Duration Transducer: the joiner also scores TDT_DURATIONS (ModelConfig.durations).
+LOSSES = ("rnnt", "fused", "tdt")
 DEFAULT_LOSS = "rnnt"
+TDT_DURATIONS = (0, 1, 2, 3, 4)  # frames (Parakeet-TDT's durations)
 
 
 def _check_loss(loss: str) -> None:
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(map(repr, LOSSES))}, got {loss!r}")
+
+
+def config_for(loss: str, config: "ModelConfig") -> "ModelConfig":
+    """``config`` for training with ``loss``: TDT needs the duration head (``TDT_DURATIONS`` unless
+    ``config.durations`` is set), the other losses need a joiner without one."""
+    _check_loss(loss)
+    if loss == "tdt":
+        return config if config.durations else dataclasses.replace(config, durations=TDT_DURATIONS)
+    if config.durations:
+        raise ValueError(f"loss={loss!r} trains an RNN-T joiner; config.durations={config.durations} is for 'tdt'")
+    return config
 
 
 def encoded_lengths(frame_lengths: np.ndarray, strides: tuple[int, ...]) -> np.ndarray:
@@ -73,6 +94,16 @@ def encoded_lengths(frame_lengths: np.ndarray, strides: tuple[int, ...]) -> np.n
     for s in strides:
         lengths = (lengths - 1) // s + 1
     return lengths.astype(np.int32)
+
+
+def tdt_available(framework: str) -> bool:
+    """Whether ``rnnt_xla.<framework>`` has a working ``tdt_loss`` (``--loss tdt``): the function and its CPU
+    kernels (``rnnt_xla.kernels.cpu_tdt``)."""
+    import importlib
+    import importlib.util
+
+    return (hasattr(importlib.import_module(f"rnnt_xla.{framework}"), "tdt_loss")
+            and importlib.util.find_spec("rnnt_xla.kernels.cpu_tdt") is not None)
 
 
 # ------------------------------------------------------------------------------------------- PyTorch
@@ -115,7 +146,9 @@ def torch_transducer(vocab_size: int, feature_dim: int, config: ModelConfig = Mo
                                   bidirectional=config.bidirectional)
             self.embed = nn.Embedding(vocab_size, hidden)
             self.predictor = nn.GRU(hidden, hidden, batch_first=True)
-            self.output = nn.Linear(hidden, vocab_size)
+            # TDT: the label scores, then one score per duration (the duration head).
+            self.output = nn.Linear(hidden, vocab_size + len(config.durations))
+            self.durations = config.durations
             self._init_like_flax()
 
         @torch.no_grad()
@@ -183,8 +216,12 @@ def torch_transducer(vocab_size: int, feature_dim: int, config: ModelConfig = Mo
 def _torch_loss(name: str, model: torch.nn.Module, frames: torch.Tensor, frame_lengths: torch.Tensor,
                 labels: torch.Tensor, label_lengths: torch.Tensor) -> torch.Tensor:
     """The batch's mean loss by ``name`` (:data:`LOSSES`)."""
-    from rnnt_xla.torch import fused_rnnt_loss, rnnt_loss
+    from rnnt_xla.torch import fused_rnnt_loss, rnnt_loss, tdt_loss
 
+    if name == "tdt":  # the joiner's last len(durations) outputs are the duration head
+        logits, lengths = model(frames, frame_lengths, labels)
+        return tdt_loss(logits, labels, lengths, label_lengths, list(model.durations), blank=BLANK,
+                        reduction="mean")
     if name == "fused":  # the joiner runs inside the loss, one tile at a time
         encoded, predicted, lengths = model.features(frames, frame_lengths, labels)
         return fused_rnnt_loss(encoded, predicted, model.joint, labels, lengths, label_lengths, blank=BLANK,
@@ -194,13 +231,14 @@ def _torch_loss(name: str, model: torch.nn.Module, frames: torch.Tensor, frame_l
 
 
 def train_torch(task: Task, steps: int, config: ModelConfig = ModelConfig(), *, seed: int = 0,
-                on_step: Callable[[int, float], None] | None = None, loss: str = DEFAULT_LOSS
+                on_step: Callable[[int, float], None] | None = None, loss: str | None = None
                 ) -> tuple[torch.nn.Module, list[float]]:
     """Train the PyTorch model for ``steps`` Adam steps on batches drawn from ``task`` with the loss named
     ``loss`` (:data:`LOSSES`). Returns ``(model, losses)``."""
     import torch
 
-    _check_loss(loss)
+    loss = config.loss if loss is None else loss  # default: RNN-T, or TDT for a config with durations
+    config = config_for(loss, config)
     torch.manual_seed(seed)
     model = torch_transducer(task.vocab_size, task.feature_dim, config)
     rates = config.learning_rates(steps)
@@ -238,6 +276,8 @@ def align_torch(model: torch.nn.Module, batch: Batch) -> list[list[tuple[int, in
 
     with torch.no_grad(), _one_torch_thread():
         encoded, lengths = model.encode(torch.from_numpy(batch.frames), torch.from_numpy(batch.frame_lengths))
+        if model.durations:
+            return greedy_tdt_alignments(encoded, lengths.numpy(), predict, join, model.durations)
         return greedy_alignments(encoded, lengths.numpy(), predict, join)
 
 
@@ -277,7 +317,7 @@ def flax_transducer(vocab_size: int, config: ModelConfig = ModelConfig()) -> lin
             self.embed = nn.Embed(vocab_size, hidden)
             self.predictor_cell = nn.GRUCell(hidden)
             self.predictor = nn.RNN(self.predictor_cell)  # shares the cell's weights with predict_step
-            self.output = nn.Dense(vocab_size)
+            self.output = nn.Dense(vocab_size + len(config.durations))  # TDT: + the duration head
 
         def encode(self, frames: jax.Array, encoded_lengths: jax.Array) -> jax.Array:
             """``(B, T, F)`` frames, ``(B,)`` lengths after subsampling -> ``(B, T', H)``; the GRU reads only
@@ -317,7 +357,7 @@ def flax_transducer(vocab_size: int, config: ModelConfig = ModelConfig()) -> lin
 
 
 def train_jax(task: Task, steps: int, config: ModelConfig = ModelConfig(), *, seed: int = 0,
-              on_step: Callable[[int, float], None] | None = None, loss: str = DEFAULT_LOSS
+              on_step: Callable[[int, float], None] | None = None, loss: str | None = None
               ) -> tuple[linen.Module, Any, list[float]]:
     """Train the Flax model with optax for ``steps`` steps on the same batches as :func:`train_torch`, with
     the loss named ``loss`` (:data:`LOSSES`). Returns ``(model, params, losses)``."""
@@ -325,9 +365,10 @@ def train_jax(task: Task, steps: int, config: ModelConfig = ModelConfig(), *, se
     import jax.numpy as jnp
     import optax
 
-    from rnnt_xla.jax import fused_rnnt_loss, rnnt_loss
+    from rnnt_xla.jax import fused_rnnt_loss, rnnt_loss, tdt_loss
 
-    _check_loss(loss)
+    loss = config.loss if loss is None else loss  # default: RNN-T, or TDT for a config with durations
+    config = config_for(loss, config)
 
     def joint_fn(params, encoded, predicted):  # the joiner alone, for the fused loss
         return model.apply(params, encoded, predicted, method="joint")
@@ -338,6 +379,9 @@ def train_jax(task: Task, steps: int, config: ModelConfig = ModelConfig(), *, se
             return fused_rnnt_loss(joint_fn, params, encoded, predicted, labels, lengths, label_lengths,
                                    blank=BLANK, reduction="mean")
         logits = model.apply(params, frames, lengths, labels)
+        if loss == "tdt":  # the joiner's last len(durations) outputs are the duration head
+            return tdt_loss(logits, labels, lengths, label_lengths, list(config.durations), blank=BLANK,
+                            reduction="mean")
         return rnnt_loss(logits, labels, lengths, label_lengths, blank=BLANK, reduction="mean")
 
     model = flax_transducer(task.vocab_size, config)
@@ -389,6 +433,8 @@ def align_jax(model: linen.Module, params: Any, batch: Batch, config: ModelConfi
     def join(encoded: jax.Array, predicted: np.ndarray) -> np.ndarray:
         return np.asarray(joiner(params, encoded, predicted))
 
+    if config.durations:
+        return greedy_tdt_alignments(encoded, lengths, predict, join, config.durations)
     return greedy_alignments(encoded, lengths, predict, join)
 
 
