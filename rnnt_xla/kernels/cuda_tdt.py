@@ -37,6 +37,18 @@ from .cuda import _MAX_LATTICE_THREADS, _MAX_ROW_THREADS, _device, _stream, _syn
 __all__ = ["Residuals", "residual_shapes", "forward", "backward", "compile_ptx", "kernel_signatures"]
 
 
+# ``numba.cuda``, bound on first use; a module global because the CUDA simulator swaps the globals that hold it
+# for its fake module (see ``cuda.cuda``).
+cuda: Any = None
+
+
+def _numba_cuda() -> Any:
+    """``numba.cuda`` (``cuda._numba_cuda``: ImportError with the fix when it is missing), bound here too."""
+    global cuda
+    cuda = _cuda._numba_cuda()
+    return cuda
+
+
 class _Kernels(NamedTuple):
     """The four TDT kernels of one logits dtype."""
 
@@ -50,10 +62,10 @@ def _python_kernels(dtype: np.dtype) -> _Kernels:
     """The TDT kernels of one logits dtype (:func:`rnnt_xla.kernels.cuda.kernel_dtype`) as plain Python
     functions for ``cuda.jit`` or ``compile_ptx``; they use :mod:`.cuda`'s module global ``cuda`` and device
     helpers (inlined, see ``cuda._python_kernels``)."""
+    _numba_cuda()
     fn = _cuda.device_functions(np.dtype(dtype))
     float_t, load, store, row_max, row_sum_of_exp = fn.float_t, fn.load, fn.store, fn.row_max, fn.row_sum_of_exp
     row_gradient_terms, write_row_gradient = fn.row_gradient_terms, fn.write_row_gradient
-    cuda = _cuda.cuda
     neg_inf = -math.inf
 
     @cuda.jit(device=True, inline="always")
@@ -295,8 +307,8 @@ def _kernels(dtype: np.dtype) -> _Kernels:
     if np.dtype(dtype) not in _cuda.KERNEL_DTYPES.values():
         raise TypeError(f"the CUDA kernels take float32, float64, float16 or int16 (bfloat16 bits) arrays, "
                         f"got {np.dtype(dtype)}")
-    _cuda._numba_cuda()
-    return _Kernels(*(_cuda.cuda.jit(f) for f in _python_kernels(np.dtype(dtype))))
+    _numba_cuda()
+    return _Kernels(*(cuda.jit(f) for f in _python_kernels(np.dtype(dtype))))
 
 
 def kernel_signatures(dtype: np.dtype, index_dtype: np.dtype) -> _Kernels:
@@ -328,9 +340,9 @@ def kernel_signatures(dtype: np.dtype, index_dtype: np.dtype) -> _Kernels:
 
 def compile_ptx(dtype: np.dtype, index_dtype: np.dtype, cc: tuple[int, int]) -> dict[str, str]:
     """PTX of every TDT kernel for compute capability ``cc``, without a GPU."""
-    _cuda._numba_cuda()
+    _numba_cuda()
     signatures = kernel_signatures(dtype, index_dtype)
-    return {name: _cuda.cuda.compile_ptx(pyfunc, signature, cc=cc)[0]
+    return {name: cuda.compile_ptx(pyfunc, signature, cc=cc)[0]
             for name, pyfunc, signature in zip(_Kernels._fields, _python_kernels(dtype), signatures)}
 
 
@@ -340,12 +352,12 @@ _DURATIONS: dict[tuple[Any, tuple[int, ...]], Any] = {}
 
 def _durations(durations: Any) -> Any:
     """``durations`` (host ints or a device array) as a device int64 array."""
-    if hasattr(durations, "__cuda_array_interface__"):
+    if hasattr(durations, "__cuda_array_interface__") or getattr(durations, "__cuda_ndarray__", False):
         return _device(durations)
     values = tuple(int(d) for d in np.asarray(durations).reshape(-1))
-    key = (_cuda.cuda.get_current_device().id, values)
+    key = (getattr(cuda.get_current_device(), "id", None), values)  # the simulator has no ids
     if key not in _DURATIONS:
-        _DURATIONS[key] = _cuda.cuda.to_device(np.array(values, dtype=np.int64))
+        _DURATIONS[key] = cuda.to_device(np.array(values, dtype=np.int64))
     return _DURATIONS[key]
 
 
@@ -355,7 +367,7 @@ def forward(logits: Any, targets: Any, logit_lengths: Any, target_lengths: Any, 
     """Costs ``(B,)`` into ``costs`` and the forward residuals (:func:`residual_shapes`) into ``residuals``,
     caller-allocated device arrays; ``logits: (B, T, U1, V + D)`` as :func:`rnnt_xla.kernels.cuda.forward`
     takes them, ``durations: (D,)`` host ints (or an int64 device array). Asynchronous on ``stream``."""
-    _cuda._numba_cuda()
+    _numba_cuda()
     logits, targets, logit_lengths, target_lengths, costs = map(
         _device, (logits, targets, logit_lengths, target_lengths, costs))
     res = Residuals(*map(_device, residuals))
@@ -386,8 +398,7 @@ def backward(logits: Any, targets: Any, logit_lengths: Any, target_lengths: Any,
     ``betas``: optional ``(B, T, U1)`` float64 device workspace; memory and synchronisation as
     :func:`rnnt_xla.kernels.cuda.backward` (without ``betas``, or with a host ``grad_scale``, this function
     allocates through Numba and synchronises ``stream`` before returning)."""
-    _cuda._numba_cuda()
-    cuda = _cuda.cuda
+    _numba_cuda()
     logits, targets, logit_lengths, target_lengths, grads = map(
         _device, (logits, targets, logit_lengths, target_lengths, grads))
     res = Residuals(*map(_device, residuals))

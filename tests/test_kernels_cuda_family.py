@@ -1,0 +1,276 @@
+"""The CUDA kernels of the transducer family (TDT: ``rnnt_xla.kernels.cuda_tdt``) without a GPU.
+
+Every kernel compiles to PTX for compute capabilities 8.0 and 9.0 in every logits dtype; the kernels run under
+the Numba CUDA simulator on tiny problems (in a subprocess started with ``NUMBA_ENABLE_CUDASIM=1``, as in
+``test_kernels_cuda.py``) and match the float64 references: costs and gradients, float32/float64/16-bit,
+padding exactly zero, sigma, FastEmit, clamp, label_head_only (omega), and through ``family.cuda_forward`` /
+``cuda_backward`` with one omega mode per group of the batch. With a GPU the same cases run on the device.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from rnnt_xla import family
+from rnnt_xla.kernels import cuda as cuda_kernels
+from rnnt_xla.kernels import cuda_tdt
+from rnnt_xla.reference import tdt_loss_reference
+
+HAVE_NUMBA_CUDA = importlib.util.find_spec("numba_cuda") is not None
+needs_numba_cuda = pytest.mark.skipif(not HAVE_NUMBA_CUDA, reason="numba-cuda is not installed")
+needs_gpu = pytest.mark.skipif(not cuda_kernels.available(), reason="no CUDA GPU")
+TESTS = Path(__file__).parent
+NUMPY_DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64),
+                "float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+HALF_EPS = {"float16": 2.0**-11, "bfloat16": 2.0**-8}  # relative rounding error of a 16-bit gradient entry
+
+
+@dataclass(frozen=True)
+class TDTCase:
+    """A tiny TDT problem and its options; ``threads`` is the minimum block size (the simulator runs a Python
+    thread per CUDA thread; below ``V`` or ``U+1`` the threads loop)."""
+
+    name: str
+    B: int
+    T: int
+    U: int
+    V: int
+    durations: tuple[int, ...]
+    blank: int = -1
+    dtype: str = "float32"
+    index_dtype: str = "int32"
+    sigma: float = 0.0
+    fastemit_lambda: float = 0.0
+    clamp: float = -1.0
+    label_head_only: bool = False
+    logit_lengths: tuple[int, ...] | None = None
+    target_lengths: tuple[int, ...] | None = None
+    grad_scale: tuple[float, ...] | None = None
+    device_workspace: bool = False  # grad_scale and betas as device arrays (the no-sync path)
+    zeros: bool = False  # all logits 0 (NeMo's fixed case)
+    threads: int = 4
+    seed: int = 0
+
+    def problem(self) -> tuple[np.ndarray, ...]:
+        """``logits (B, T, U+1, V+D)`` in ``dtype``, targets (junk past each length), lengths."""
+        rng = np.random.default_rng(self.seed)
+        D = len(self.durations)
+        logits = (rng.standard_normal((self.B, self.T, self.U + 1, self.V + D)) * 2).astype(NUMPY_DTYPES[self.dtype])
+        if self.zeros:
+            logits[:] = 0
+        logit_lengths = np.array(self.logit_lengths or (self.T,) * self.B)
+        target_lengths = np.array(self.target_lengths or (self.U,) * self.B)
+        targets = rng.integers(0, self.V, (self.B, self.U))
+        for b in range(self.B):
+            targets[b, target_lengths[b]:] = -1
+        index = np.dtype(self.index_dtype)
+        return logits, targets.astype(index), logit_lengths.astype(index), target_lengths.astype(index)
+
+    def scale(self) -> np.ndarray:
+        return np.ones(self.B) if self.grad_scale is None else np.array(self.grad_scale)
+
+    def reference(self) -> tuple[np.ndarray, np.ndarray]:
+        logits, targets, logit_lengths, target_lengths = self.problem()
+        costs, grads = tdt_loss_reference(logits.astype(np.float64), targets, logit_lengths, target_lengths,
+                                          self.durations, blank=self.blank, sigma=self.sigma, clamp=self.clamp,
+                                          reduction="none", fastemit_lambda=self.fastemit_lambda,
+                                          label_head_only=self.label_head_only)
+        return costs, grads * self.scale()[:, None, None, None]
+
+
+TDT_CASES = [
+    TDTCase("float32-sigma-fastemit-clamp-padding", 3, 5, 3, 5, (0, 1, 2, 3, 4), sigma=0.05, fastemit_lambda=0.1,
+            clamp=0.3, logit_lengths=(5, 3, 2), target_lengths=(3, 1, 0)),
+    TDTCase("float64-int64-device-workspace-grad-scale", 2, 4, 2, 4, (1, 2), blank=0, dtype="float64",
+            index_dtype="int64", grad_scale=(0.5, -2.0), device_workspace=True, threads=2, seed=1),
+    TDTCase("float16-sigma", 2, 4, 2, 5, (0, 1, 2), blank=2, dtype="float16", sigma=0.02, seed=2),
+    TDTCase("bfloat16-unreachable-cells", 2, 5, 2, 4, (0, 2), dtype="bfloat16", logit_lengths=(4, 5), seed=3),
+    TDTCase("label-head-only-fastemit-clamp", 2, 4, 2, 5, (0, 1, 2), blank=1, sigma=0.05, fastemit_lambda=0.2,
+            clamp=0.2, label_head_only=True, target_lengths=(2, 1), seed=4),
+    TDTCase("no-alignment-costs-inf", 2, 3, 1, 3, (2,), logit_lengths=(3, 2), target_lengths=(1, 0), seed=5),
+    TDTCase("labels-and-vocabulary-wider-than-block", 1, 3, 5, 7, (0, 1), blank=3, threads=2, seed=6),
+    # NeMo's known answer: tests/collections/asr/numba/rnnt_loss/test_rnnt_pytorch.py,
+    # TestTDTLoss.test_case_fixed_case_act_label (zero logits, durations [0, 1, 2], sigma 0.05): cost 4.155739
+    TDTCase("nemo-fixed-case", 1, 3, 1, 4, (0, 1, 2), blank=3, sigma=0.05, zeros=True, seed=7),
+]
+NEMO_FIXED_COST = 4.155739
+
+
+def run_tdt(case: TDTCase) -> tuple[np.ndarray, np.ndarray]:
+    """Costs and gradient of the TDT CUDA kernels on Numba device arrays (simulator or GPU); outputs start as NaN
+    so that every entry the kernels must write is checked to be written."""
+    from numba import cuda
+
+    logits, targets, logit_lengths, target_lengths = case.problem()
+    B, T, U1, W = logits.shape
+    dtype = cuda_kernels.kernel_dtype(case.dtype)
+    d_logits = cuda.to_device(logits.view(dtype))
+    indices = [cuda.to_device(a) for a in (targets, logit_lengths, target_lengths)]
+    shapes = cuda_tdt.residual_shapes(B, T, U1, len(case.durations), dtype)
+    residuals = cuda_tdt.Residuals(*(cuda.to_device(np.full(shape, np.nan, dt)) for shape, dt in shapes))
+    costs = cuda.to_device(np.full(B, np.nan, cuda_kernels.compute_dtype(dtype)))
+    durations = np.array(case.durations, np.int64)
+    blank = case.blank % case.V
+    cuda_tdt.forward(d_logits, *indices, blank, durations, case.sigma, case.fastemit_lambda, case.label_head_only,
+                     costs, residuals)
+    grads = cuda.to_device(np.full_like(logits, np.nan).view(dtype))
+    args = (d_logits, *indices, blank, durations, case.sigma, case.fastemit_lambda, case.clamp, case.label_head_only)
+    if case.device_workspace:
+        cuda_tdt.backward(*args, cuda.to_device(case.scale()), residuals, grads,
+                          betas=cuda.to_device(np.full((B, T, U1), np.nan)))
+        cuda.synchronize()
+    else:
+        cuda_tdt.backward(*args, case.scale(), residuals, grads)
+    wide = np.float64 if dtype == np.float64 else np.float32
+    return costs.copy_to_host(), grads.copy_to_host().view(logits.dtype).astype(wide)
+
+
+# The family adapters' dispatch: a batch of two groups (an omega draw each), one in each mode.
+FAMILY_CASE = TDTCase("family-two-groups", 4, 4, 2, 4, (0, 1, 2), blank=-1, sigma=0.05, fastemit_lambda=0.1,
+                      clamp=0.5, logit_lengths=(4, 3, 4, 2), target_lengths=(2, 1, 2, 0), seed=8)
+FAMILY_DRAWS = np.array([0.7, 0.1])  # omega 0.5: group 0 the TDT loss, group 1 the label head's RNNT loss
+
+
+def run_family(case: TDTCase, draws: np.ndarray, omega: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """``family.cuda_forward`` / ``cuda_backward`` on device arrays with one omega draw per group."""
+    from numba import cuda
+
+    logits, targets, logit_lengths, target_lengths = case.problem()
+    B, T, U1, W = logits.shape
+    spec = family.LossSpec(kind="tdt", blank=case.blank % case.V, fastemit_lambda=case.fastemit_lambda,
+                           clamp=case.clamp, durations=case.durations, sigma=case.sigma, omega=omega)
+    modes = family.label_head_only(spec, draws)
+    d_logits = cuda.to_device(logits)
+    indices = [cuda.to_device(a) for a in (targets, logit_lengths, target_lengths)]
+    residuals = [cuda.to_device(np.zeros(shape, dt)) for shape, dt in family.residual_shapes(spec, B, T, U1,
+                                                                                               logits.dtype)]
+    costs = cuda.to_device(np.zeros(B, np.float32))
+    family.cuda_forward(spec, d_logits, *indices, costs, residuals, label_head_only=modes)
+    grads = cuda.to_device(np.zeros_like(logits))
+    family.cuda_backward(spec, d_logits, *indices, case.scale(), residuals, grads,
+                         betas=cuda.to_device(np.zeros((B, T, U1))), label_head_only=modes)
+    cuda.synchronize()
+    return costs.copy_to_host(), grads.copy_to_host()
+
+
+def simulate(out: str) -> None:
+    """Run the cases under the simulator and save the results in ``out`` (npz); called in a subprocess started
+    with ``NUMBA_ENABLE_CUDASIM=1``."""
+    assert cuda_kernels._simulating(), "simulate() needs NUMBA_ENABLE_CUDASIM=1 set before numba is imported"
+    sys.setswitchinterval(1e-4)  # the simulator's threads hand the GIL over sooner (see test_kernels_cuda)
+    results = {}
+    for case in TDT_CASES:
+        cuda_kernels._MIN_THREADS = case.threads
+        results[f"{case.name}/costs"], results[f"{case.name}/grads"] = run_tdt(case)
+    cuda_kernels._MIN_THREADS = 4
+    results["family/costs"], results["family/grads"] = run_family(FAMILY_CASE, FAMILY_DRAWS)
+    np.savez(out, **results)
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory) -> dict[str, np.ndarray]:
+    out = tmp_path_factory.mktemp("cudasim_family") / "results.npz"
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=os.pathsep.join(
+        [str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
+    script = f"import test_kernels_cuda_family as t; t.simulate({str(out)!r})"
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    print(f"simulator: family cases in {time.perf_counter() - start:.1f} s")
+    return dict(np.load(out))
+
+
+def check_against_reference(case: TDTCase, costs: np.ndarray, grads: np.ndarray, grad_atol: float | None = None):
+    ref_costs, ref_grads = case.reference()
+    f64 = case.dtype == "float64"
+    np.testing.assert_allclose(costs, ref_costs, rtol=1e-12 if f64 else 1e-5)
+    if case.dtype in HALF_EPS:  # computed in float32 (the lattice in float64), each entry rounded once
+        assert np.all(np.abs(grads - ref_grads) <= HALF_EPS[case.dtype] * np.abs(ref_grads) + 1e-6)
+    else:
+        np.testing.assert_allclose(grads, ref_grads, atol=grad_atol or (1e-12 if f64 else 1e-5), rtol=0)
+    _, _, logit_lengths, target_lengths = case.problem()
+    for b in range(case.B):  # padding: exactly zero, and no entry left unwritten
+        assert np.all(grads[b, logit_lengths[b]:] == 0) and np.all(grads[b, :, target_lengths[b] + 1:] == 0)
+    assert not np.isnan(grads).any()
+
+
+@needs_numba_cuda
+@pytest.mark.parametrize("case", TDT_CASES, ids=lambda c: c.name)
+def test_simulated_tdt_kernels_match_the_reference(simulated, case):
+    check_against_reference(case, simulated[f"{case.name}/costs"], simulated[f"{case.name}/grads"])
+
+
+@needs_numba_cuda
+def test_simulated_tdt_known_answer_and_special_cases(simulated):
+    assert float(simulated["nemo-fixed-case/costs"][0]) == pytest.approx(NEMO_FIXED_COST, rel=1e-6)
+    costs = simulated["no-alignment-costs-inf/costs"]  # T_b = 3 with durations [2] only: no alignment
+    assert costs[0] == np.inf and np.isfinite(costs[1])
+    assert np.all(simulated["no-alignment-costs-inf/grads"][0] == 0)
+    head = simulated["label-head-only-fastemit-clamp/grads"]
+    assert np.all(head[..., 5:] == 0) and np.abs(head).max() <= 0.2  # no duration gradient; clamped
+
+
+@needs_numba_cuda
+def test_simulated_family_dispatch_runs_each_group_in_its_mode(simulated):
+    case = FAMILY_CASE
+    logits, targets, logit_lengths, target_lengths = case.problem()
+    expected_costs, expected_grads = [], []
+    for rows, head_only in ((slice(0, 2), False), (slice(2, 4), True)):
+        costs, grads = tdt_loss_reference(logits[rows].astype(np.float64), targets[rows], logit_lengths[rows],
+                                          target_lengths[rows], case.durations, blank=case.blank, sigma=case.sigma,
+                                          clamp=case.clamp, reduction="none", fastemit_lambda=case.fastemit_lambda,
+                                          label_head_only=head_only)
+        expected_costs.append(costs)
+        expected_grads.append(grads)
+    np.testing.assert_allclose(simulated["family/costs"], np.concatenate(expected_costs), rtol=1e-5)
+    np.testing.assert_allclose(simulated["family/grads"], np.concatenate(expected_grads), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PTX, without a GPU
+
+
+@needs_numba_cuda
+@pytest.mark.parametrize("dtype,index_dtype,cc", [
+    ("float32", "int32", (9, 0)), ("float32", "int64", (8, 0)), ("float64", "int64", (9, 0)),
+    ("float64", "int32", (8, 0)), ("float16", "int32", (9, 0)), ("bfloat16", "int64", (8, 0)),
+], ids=lambda v: f"sm_{v[0]}{v[1]}" if isinstance(v, tuple) else v)
+def test_every_tdt_kernel_compiles_to_ptx(dtype, index_dtype, cc):
+    ptx = cuda_tdt.compile_ptx(cuda_kernels.kernel_dtype(dtype), np.dtype(index_dtype), cc)
+    assert sorted(ptx) == sorted(["normalizers", "alphas_and_costs", "betas", "gradients"])
+    for name, code in ptx.items():
+        assert f".target sm_{cc[0]}{cc[1]}" in code and ".entry" in code, name
+        assert "bar.sync" in code, name  # row reductions / the wavefront's diagonals / the shared row terms
+
+
+def test_cuda_dispatch_refuses_the_losses_without_cuda_kernels():
+    with pytest.raises(NotImplementedError, match="multiblank loss has no CUDA kernels"):
+        family.cuda_forward(family.LossSpec(kind="multiblank", durations=(2,)), *[None] * 6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# On a GPU
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", TDT_CASES, ids=lambda c: c.name)
+def test_gpu_tdt_kernels_match_the_reference(monkeypatch, case):
+    monkeypatch.setattr(cuda_kernels, "_MIN_THREADS", case.threads)
+    costs, grads = run_tdt(case)
+    check_against_reference(case, costs, grads, grad_atol=1e-4 if case.dtype == "float32" else None)
+
+
+@needs_gpu
+def test_gpu_family_dispatch():
+    costs, grads = run_family(FAMILY_CASE, FAMILY_DRAWS)
+    assert np.isfinite(costs).all() and not np.isnan(grads).any()
