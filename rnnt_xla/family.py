@@ -5,11 +5,12 @@ what differs between the losses is a :class:`LossSpec` (static, hashable options
 dispatches to:
 
 - ``kind="rnnt"``: ``rnnt_xla.kernels.cpu`` (``rnnt_type`` "regular" | "modified" | "constrained" and
-  ``delay_penalty``, after k2), on CUDA ``rnnt_xla.kernels.cuda`` (regular, no delay penalty, for now);
+  ``delay_penalty``, after k2), on CUDA ``rnnt_xla.kernels.cuda`` (regular lattice) and
+  ``rnnt_xla.kernels.cuda_variants`` (the variants);
 - ``kind="tdt"``: ``rnnt_xla.kernels.cpu_tdt`` (Token-and-Duration Transducer: ``durations``, ``sigma``,
-  ``omega``); logits ``(B, T, U+1, V + len(durations))``;
+  ``omega``), on CUDA ``cuda_tdt``; logits ``(B, T, U+1, V + len(durations))``;
 - ``kind="multiblank"``: ``rnnt_xla.kernels.cpu_multiblank`` (``durations`` are the big blanks'
-  durations, ``sigma``).
+  durations, ``sigma``), on CUDA ``cuda_multiblank``.
 
 Every kernel module has the same entry points, numpy in, numpy out, caller-allocated
 (``residual_shapes``, ``forward``, ``backward``; see each module). Residuals are a tuple of arrays whose
@@ -202,18 +203,21 @@ def backward(spec: LossSpec, logits: np.ndarray, targets: np.ndarray, logit_leng
                             grads[rows])
 
 
-_CUDA_MODULES = {"rnnt": "rnnt_xla.kernels.cuda", "tdt": "rnnt_xla.kernels.cuda_tdt"}
+_CUDA_MODULES = {"rnnt": "rnnt_xla.kernels.cuda", "tdt": "rnnt_xla.kernels.cuda_tdt",
+                 "multiblank": "rnnt_xla.kernels.cuda_multiblank", "variant": "rnnt_xla.kernels.cuda_variants"}
 
 
 def _cuda_module(spec: LossSpec) -> ModuleType:
-    """The CUDA kernel module of ``spec``'s loss; NotImplementedError for the losses without one."""
-    if spec.kind not in _CUDA_MODULES:
-        raise NotImplementedError(f"rnnt_xla: the {spec.kind} loss has no CUDA kernels yet; compute it on the CPU "
-                                  "(move the inputs with .cpu() / jax.device_put to a CPU device)")
-    if spec.kind == "rnnt" and not spec.plain_rnnt:
-        raise NotImplementedError(f"rnnt_xla: rnnt_type={spec.rnnt_type!r} / delay_penalty={spec.delay_penalty} "
-                                  "have no CUDA kernels yet; compute the loss on the CPU")
-    return importlib.import_module(_CUDA_MODULES[spec.kind])
+    """The CUDA kernel module of ``spec``'s loss (RNNT variants: ``cuda_variants``, the regular lattice keeps
+    ``cuda``'s kernels); NotImplementedError naming the module when this build lacks it."""
+    key = "variant" if spec.kind == "rnnt" and not spec.plain_rnnt else spec.kind
+    try:
+        return importlib.import_module(_CUDA_MODULES[key])
+    except ModuleNotFoundError as error:
+        if error.name != _CUDA_MODULES[key]:
+            raise
+        raise NotImplementedError(f"rnnt_xla: the {spec.kind} loss's CUDA kernels ({_CUDA_MODULES[key]}) are not "
+                                  "part of this build; compute it on the CPU") from error
 
 
 def _batch(array: Any) -> int:
@@ -232,12 +236,17 @@ def _device_rows(arrays: Sequence[Any], rows: slice) -> list[Any]:
 
 def cuda_forward(spec: LossSpec, logits: Any, targets: Any, logit_lengths: Any, target_lengths: Any, costs: Any,
                  residuals: Sequence[Any], stream: Any = None, label_head_only: Any = False) -> None:
-    """:func:`forward` on one GPU (``rnnt_xla.kernels.cuda`` / ``cuda_tdt``; device arrays, asynchronous on
-    ``stream``)."""
+    """:func:`forward` on one GPU (``rnnt_xla.kernels.cuda``, ``cuda_variants``, ``cuda_tdt``,
+    ``cuda_multiblank``; device arrays, asynchronous on ``stream``)."""
     module = _cuda_module(spec)
     if spec.kind == "rnnt":
         module.forward(logits, targets, logit_lengths, target_lengths, spec.blank, spec.fused_log_softmax,
-                       spec.fastemit_lambda, costs, cpu.Residuals(*residuals), stream=stream)
+                       spec.fastemit_lambda, costs, cpu.Residuals(*residuals), stream=stream,
+                       **_rnnt_variant_options(spec, module.forward))
+        return
+    if spec.kind == "multiblank":
+        module.forward(logits, targets, logit_lengths, target_lengths, spec.blank, spec.durations, spec.sigma,
+                       spec.fastemit_lambda, costs, module.Residuals(*residuals), stream=stream)
         return
     runs = _runs(label_head_only, _batch(logits))
     for rows, head_only in runs:
@@ -251,12 +260,17 @@ def cuda_forward(spec: LossSpec, logits: Any, targets: Any, logit_lengths: Any, 
 def cuda_backward(spec: LossSpec, logits: Any, targets: Any, logit_lengths: Any, target_lengths: Any,
                   grad_scale: Any, residuals: Sequence[Any], grads: Any, stream: Any = None, betas: Any = None,
                   label_head_only: Any = False) -> None:
-    """:func:`backward` on one GPU (``rnnt_xla.kernels.cuda.backward`` / ``cuda_tdt.backward``: ``grad_scale``
+    """:func:`backward` on one GPU (the modules of :func:`cuda_forward`; ``grad_scale``
     may be a host array; ``betas`` an optional caller-allocated ``(B, T, U+1)`` float64 device array)."""
     module = _cuda_module(spec)
     if spec.kind == "rnnt":
         module.backward(logits, targets, logit_lengths, target_lengths, spec.blank, spec.fused_log_softmax,
                         spec.fastemit_lambda, spec.clamp, grad_scale, cpu.Residuals(*residuals), grads,
+                        stream=stream, betas=betas, **_rnnt_variant_options(spec, module.backward))
+        return
+    if spec.kind == "multiblank":
+        module.backward(logits, targets, logit_lengths, target_lengths, spec.blank, spec.durations, spec.sigma,
+                        spec.fastemit_lambda, spec.clamp, grad_scale, module.Residuals(*residuals), grads,
                         stream=stream, betas=betas)
         return
     runs = _runs(label_head_only, _batch(logits))
