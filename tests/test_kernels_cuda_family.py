@@ -218,6 +218,69 @@ def run_family(case: Case, draws: np.ndarray, omega: float = 0.5) -> tuple[np.nd
     return costs.copy_to_host(), grads.copy_to_host()
 
 
+# The torch operators' CUDA registrations (rnnt_xla.torch._loss_forward_cuda / _loss_backward_cuda) on CPU
+# tensors, with torch.cuda's device and stream stubbed and the kernel modules' device-array conversion wrapping
+# the tensors' memory (the simulator's arrays are numpy arrays): the same options for each kind, float64,
+# B = 4 in 2 groups. (blank, clamp, reduction, fused, fastemit, groups, kind, durations, sigma, omega, draws,
+# rnnt_type, delay_penalty)
+TORCH_OPTIONS = {
+    "tdt-omega": (-1, 0.5, "mean_by_target_length", True, 0.1, 2, "tdt", [0, 1, 2], 0.05, 0.5, (0.7, 0.1),
+                  "regular", 0.0),
+    "multiblank": (-1, 0.3, "sum", True, 0.0, 2, "multiblank", [2, 3], 0.05, 0.0, None, "regular", 0.0),
+    "constrained-delay": (1, -1.0, "mean", True, 0.05, 2, "rnnt", [], 0.0, 0.0, None, "constrained", 0.2),
+}
+
+
+def torch_inputs(kind_options: tuple) -> list:
+    """Float64 logits ``(4, 5, 3, width)``, int32 labels below the big blanks, lengths with padding."""
+    import torch
+
+    durations = kind_options[7]
+    width = 6 + len(durations) if kind_options[6] == "tdt" else 6
+    rng = np.random.default_rng(30)
+    return [torch.from_numpy(rng.standard_normal((4, 5, 3, width))),
+            torch.from_numpy(rng.integers(0, 3, (4, 2)).astype(np.int32)),
+            torch.tensor([5, 3, 4, 2], dtype=torch.int32), torch.tensor([2, 1, 2, 0], dtype=torch.int32)]
+
+
+def torch_options(name: str) -> tuple:
+    import torch
+
+    options = list(TORCH_OPTIONS[name])
+    options[10] = None if options[10] is None else torch.tensor(options[10], dtype=torch.float64)
+    return tuple(options)
+
+
+def run_torch_registrations() -> dict[str, np.ndarray]:
+    """Loss and gradient of each :data:`TORCH_OPTIONS` through the CUDA registrations (see above)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    import torch
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    from rnnt_xla import torch as rt
+    from rnnt_xla.kernels import cuda_multiblank, cuda_tdt, cuda_variants
+
+    torch.cuda.device = lambda device: contextlib.nullcontext()
+    torch.cuda.current_stream = lambda device=None: SimpleNamespace(cuda_stream=0)
+    original = cuda_kernels._device
+
+    def device(array):
+        return FakeCUDAArray(array.numpy()) if isinstance(array, torch.Tensor) else original(array)
+
+    for module in (cuda_kernels, cuda_tdt, cuda_multiblank, cuda_variants):
+        module._device = device
+    results = {}
+    for name in TORCH_OPTIONS:
+        tensors, options = torch_inputs(TORCH_OPTIONS[name]), torch_options(name)
+        outputs = rt._loss_forward_cuda(*tensors, *options)
+        grad_loss = torch.ones_like(outputs[0]) * 0.5
+        results[f"torch/{name}/loss"] = outputs[0].numpy()
+        results[f"torch/{name}/grads"] = rt._loss_backward_cuda(grad_loss, tensors[0], *outputs[1:], *options).numpy()
+    return results
+
+
 def simulate(out: str) -> None:
     """Run the cases under the simulator and save the results in ``out`` (npz); called in a subprocess started
     with ``NUMBA_ENABLE_CUDASIM=1``."""
@@ -229,6 +292,7 @@ def simulate(out: str) -> None:
         results[f"{case.name}/costs"], results[f"{case.name}/grads"] = run_case(case)
     cuda_kernels._MIN_THREADS = 4
     results["family/costs"], results["family/grads"] = run_family(FAMILY_CASE, FAMILY_DRAWS)
+    results.update(run_torch_registrations())
     np.savez(out, **results)
 
 
@@ -295,6 +359,23 @@ def test_simulated_family_dispatch_runs_each_group_in_its_mode(simulated):
         expected_grads.append(grads)
     np.testing.assert_allclose(simulated["family/costs"], np.concatenate(expected_costs), rtol=1e-5)
     np.testing.assert_allclose(simulated["family/grads"], np.concatenate(expected_grads), atol=1e-5, rtol=0)
+
+
+@needs_numba_cuda
+@pytest.mark.parametrize("name", TORCH_OPTIONS)
+def test_simulated_torch_cuda_registrations_match_the_cpu_operators(simulated, name):
+    """The torch operators' CUDA registrations on the simulated kernels give the CPU operators' loss and
+    gradient (different kernels: equal to float64 rounding)."""
+    import torch
+
+    from rnnt_xla.torch import loss_backward, loss_forward
+
+    tensors, options = torch_inputs(TORCH_OPTIONS[name]), torch_options(name)
+    outputs = loss_forward(*tensors, *options)
+    grads = loss_backward(torch.ones_like(outputs[0]) * 0.5, tensors[0], *outputs[1:], *options)
+    np.testing.assert_allclose(simulated[f"torch/{name}/loss"], outputs[0].numpy(), rtol=1e-12)
+    np.testing.assert_allclose(simulated[f"torch/{name}/grads"], grads.numpy(), atol=1e-12, rtol=0)
+    assert np.abs(grads.numpy()).max() > 0
 
 
 # ---------------------------------------------------------------------------------------------------------
