@@ -64,6 +64,10 @@ __all__ = [
     "alphas_and_costs",
     "betas",
     "gradients",
+    "RNNT_TYPES",
+    "alphas_and_costs_variant",
+    "betas_variant",
+    "gradients_variant",
 ]
 
 # Reassociation lets LLVM vectorise the sum over the vocabulary; no 'nnan'/'ninf', so infinities
@@ -533,18 +537,225 @@ def gradient(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray,
 
 def forward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray, target_lengths: np.ndarray,
             blank: int, fused_log_softmax: bool, fastemit_lambda: float,
-            costs: np.ndarray, residuals: Residuals) -> None:
-    """Costs ``(B,)`` into ``costs`` and the forward residuals into ``residuals`` (caller-allocated)."""
+            costs: np.ndarray, residuals: Residuals, rnnt_type: str = "regular", delay_penalty: float = 0.0) -> None:
+    """Costs ``(B,)`` into ``costs`` and the forward residuals into ``residuals`` (caller-allocated).
+    ``rnnt_type`` (``"regular"``, ``"modified"``, ``"constrained"``) and ``delay_penalty``: k2's variants of
+    the lattice (see :func:`alphas_and_costs_variant`); same residuals."""
     normalise(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, residuals)
+    if _is_variant(rnnt_type, delay_penalty):
+        _variant_forward(logit_lengths, target_lengths, fastemit_lambda, rnnt_type, delay_penalty, residuals, costs)
+        return
     lattice_forward(logit_lengths, target_lengths, fastemit_lambda, residuals, costs)
 
 
 def backward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray, target_lengths: np.ndarray,
              blank: int, fused_log_softmax: bool, fastemit_lambda: float, clamp: float,
-             grad_scale: np.ndarray, residuals: Residuals, grads: np.ndarray) -> None:
+             grad_scale: np.ndarray, residuals: Residuals, grads: np.ndarray, rnnt_type: str = "regular",
+             delay_penalty: float = 0.0) -> None:
     """Gradient w.r.t. ``logits`` into ``grads`` (same shape and dtype), each utterance's gradient clamped
-    and then multiplied by ``grad_scale: (B,) float64``. Allocates only the ``(B, T, U1)`` betas."""
+    and then multiplied by ``grad_scale: (B,) float64``. Allocates only the ``(B, T, U1)`` betas.
+    ``rnnt_type`` and ``delay_penalty`` as given to :func:`forward`."""
+    if _is_variant(rnnt_type, delay_penalty):
+        _variant_backward(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, fastemit_lambda,
+                          clamp, grad_scale, residuals, grads, rnnt_type, delay_penalty)
+        return
     beta = np.empty_like(residuals.alphas)
     lattice_backward(logit_lengths, target_lengths, residuals, beta)
     gradient(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, fastemit_lambda, clamp,
              grad_scale, residuals, beta, grads)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Variants of the RNNT lattice (k2): rnnt_type "modified" / "constrained" and the delay penalty.
+#
+# They change only the label arc out of (t, u), never the log-probabilities, so pass 1 is the regular
+# log_normalizers. The label arc's score is log_emit[t, u], plus log_blank[t, u + 1] for "constrained" (the
+# blank of the next context on the same frame), plus delay_penalty * ((T_b - 1) / 2 - t); for "modified" and
+# "constrained" it leads to (t + 1, u + 1) instead of (t, u + 1). The passes below are separate kernels so
+# that the regular ones stay as they are (and as fast); forward/backward pick them.
+# ---------------------------------------------------------------------------------------------------------
+
+RNNT_TYPES = ("regular", "modified", "constrained")
+
+
+def _variant_flags(rnnt_type: str) -> tuple[bool, bool]:
+    """``(one_symbol_per_frame, context_blank)`` of ``rnnt_type``."""
+    if rnnt_type not in RNNT_TYPES:
+        raise ValueError(f"rnnt_type must be one of {RNNT_TYPES}, got {rnnt_type!r}")
+    return rnnt_type != "regular", rnnt_type == "constrained"
+
+
+def _is_variant(rnnt_type: str, delay_penalty: float) -> bool:
+    return rnnt_type != "regular" or delay_penalty != 0.0
+
+
+@njit
+def _beta_at(beta, t, u, T_b, U_b):
+    """Backward variable of state ``(t, u)`` for ``t <= T_b``: past the last frame only the end of the
+    lattice, ``(T_b, U_b)``, is a state (log-probability 0); ``beta`` holds the frames ``t < T_b``."""
+    if t < T_b:
+        return beta[t, u]
+    return 0.0 if u == U_b else -np.inf
+
+
+@njit
+def _label_score(log_blank, log_emit, t, u, T_b, context_blank, delay_penalty):
+    """Score of the label arc out of ``(t, u)`` (one utterance's ``(T, U1)`` log-probabilities)."""
+    score = log_emit[t, u]
+    if context_blank:
+        score += log_blank[t, u + 1]
+    if delay_penalty != 0.0:
+        score += delay_penalty * ((T_b - 1) * 0.5 - t)
+    return score
+
+
+@njit(parallel=True, **_JIT)
+def alphas_and_costs_variant(log_blank, log_emit, logit_lengths, target_lengths, fastemit_lambda,
+                             one_symbol_per_frame, context_blank, delay_penalty, alphas, log_likelihood, costs):
+    """Pass 2 of the variants (see the section comment): forward variables, ``log P`` and the costs.
+
+    With one symbol per frame ``alphas[t]`` needs only ``alphas[t - 1]``: the cells of a frame are independent
+    and computed frame by frame; the regular lattice with a delay penalty is walked by anti-diagonals as in
+    :func:`alphas_and_costs`.
+    """
+    B = log_blank.shape[0]
+    for b in prange(B):
+        T_b = logit_lengths[b]
+        U_b = target_lengths[b]
+        alpha = alphas[b]
+        blank = log_blank[b]
+        emit = log_emit[b]
+        alpha[0, 0] = 0.0
+        if one_symbol_per_frame:
+            for u in range(1, U_b + 1):
+                alpha[0, u] = -np.inf
+            for t in range(1, T_b):
+                alpha[t, 0] = alpha[t - 1, 0] + blank[t - 1, 0]
+                for u in range(1, U_b + 1):
+                    label = alpha[t - 1, u - 1] + _label_score(blank, emit, t - 1, u - 1, T_b, context_blank,
+                                                               delay_penalty)
+                    alpha[t, u] = _log_add(alpha[t - 1, u] + blank[t - 1, u], label)
+            ll = alpha[T_b - 1, U_b] + blank[T_b - 1, U_b]
+            if U_b > 0:  # the last label on the last frame also ends the lattice
+                ll = _log_add(ll, alpha[T_b - 1, U_b - 1] + _label_score(blank, emit, T_b - 1, U_b - 1, T_b,
+                                                                         context_blank, delay_penalty))
+        else:
+            for d in range(1, T_b + U_b):
+                for u in range(max(0, d - T_b + 1), min(d, U_b) + 1):
+                    t = d - u
+                    if u == 0:
+                        alpha[t, 0] = alpha[t - 1, 0] + blank[t - 1, 0]
+                        continue
+                    label = alpha[t, u - 1] + _label_score(blank, emit, t, u - 1, T_b, False, delay_penalty)
+                    alpha[t, u] = label if t == 0 else _log_add(alpha[t - 1, u] + blank[t - 1, u], label)
+            ll = alpha[T_b - 1, U_b] + blank[T_b - 1, U_b]
+        log_likelihood[b] = ll
+        costs[b] = -(1.0 + fastemit_lambda) * ll
+
+
+@njit(parallel=True, **_JIT)
+def betas_variant(log_blank, log_emit, logit_lengths, target_lengths, one_symbol_per_frame, context_blank,
+                  delay_penalty, out):
+    """Pass 3 of the variants: backward variables ``out: (B, T, U1)`` float64 (frame by frame with one
+    symbol per frame, else by anti-diagonals)."""
+    B = log_blank.shape[0]
+    for b in prange(B):
+        T_b = logit_lengths[b]
+        U_b = target_lengths[b]
+        beta = out[b]
+        blank = log_blank[b]
+        emit = log_emit[b]
+        if one_symbol_per_frame:
+            for t in range(T_b - 1, -1, -1):
+                beta[t, U_b] = _beta_at(beta, t + 1, U_b, T_b, U_b) + blank[t, U_b]
+                for u in range(U_b):
+                    label = _beta_at(beta, t + 1, u + 1, T_b, U_b) + _label_score(blank, emit, t, u, T_b,
+                                                                                  context_blank, delay_penalty)
+                    beta[t, u] = _log_add(_beta_at(beta, t + 1, u, T_b, U_b) + blank[t, u], label)
+        else:
+            beta[T_b - 1, U_b] = blank[T_b - 1, U_b]
+            for d in range(T_b + U_b - 2, -1, -1):
+                for u in range(max(0, d - T_b + 1), min(d, U_b) + 1):
+                    t = d - u
+                    if u == U_b:
+                        beta[t, U_b] = beta[t + 1, U_b] + blank[t, U_b]
+                        continue
+                    label = beta[t, u + 1] + _label_score(blank, emit, t, u, T_b, False, delay_penalty)
+                    beta[t, u] = label if t == T_b - 1 else _log_add(beta[t + 1, u] + blank[t, u], label)
+
+
+@njit(parallel=True, **_JIT)
+def gradients_variant(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, fastemit_lambda,
+                      clamp, one_symbol_per_frame, context_blank, delay_penalty, grad_scale, log_norm, log_blank,
+                      log_emit, alphas, betas, log_likelihood, grads):
+    """Pass 4 of the variants, as :func:`gradients` (the same row writer, :func:`_write_row_gradient`); the
+    posteriors are those of the variant's arcs.
+
+    ``p_label`` is the posterior of the label arc out of ``(t, u)``; with ``"constrained"`` the label arc
+    out of ``(t, u - 1)`` also uses the blank of ``(t, u)``, so its posterior (times ``1 + lambda``) is added
+    to the blank's.
+    """
+    B, T, U1, V = logits.shape
+    emit_weight = 1.0 + fastemit_lambda
+    for bt in prange(B * T):
+        b = bt // T
+        t = bt - b * T
+        T_b = logit_lengths[b]
+        U_b = target_lengths[b]
+        if t >= T_b:
+            grads[b, t] = 0
+            continue
+        scale = grad_scale[b]
+        ll = log_likelihood[b]
+        alpha = alphas[b]
+        beta = betas[b]
+        lb = log_blank[b]
+        le = log_emit[b]
+        step = 1 if one_symbol_per_frame else 0
+        for u in range(U1):
+            g = grads[b, t, u]
+            if u > U_b:
+                g[:] = 0
+                continue
+            p_blank = math.exp(alpha[t, u] + lb[t, u] + _beta_at(beta, t + 1, u, T_b, U_b) - ll)
+            emit = 0.0
+            if u < U_b:
+                score = _label_score(lb, le, t, u, T_b, context_blank, delay_penalty)
+                emit = emit_weight * math.exp(alpha[t, u] + score + _beta_at(beta, t + step, u + 1, T_b, U_b) - ll)
+            if context_blank and u > 0:
+                score = _label_score(lb, le, t, u - 1, T_b, True, delay_penalty)
+                p_blank += emit_weight * math.exp(alpha[t, u - 1] + score + _beta_at(beta, t + 1, u, T_b, U_b) - ll)
+            label = targets[b, u] if u < U_b else blank
+            _write_row_gradient(logits[b, t, u], g, blank, label, u < U_b, fused_log_softmax, log_norm[b, t, u],
+                                lb[t, u], le[t, u], p_blank, emit, clamp, scale, log_norm)
+
+
+alphas_and_costs_variant_serial = _serial_variant(alphas_and_costs_variant)
+betas_variant_serial = _serial_variant(betas_variant)
+gradients_variant_serial = _serial_variant(gradients_variant)
+
+
+def _variant_forward(logit_lengths, target_lengths, fastemit_lambda, rnnt_type, delay_penalty, residuals, costs):
+    one_per_frame, context_blank = _variant_flags(rnnt_type)
+    cells = _cells(residuals.alphas)
+    with _section("alphas_and_costs_variant", 1, cells):
+        _launch(alphas_and_costs_variant, alphas_and_costs_variant_serial, cells, residuals.log_blank,
+                residuals.log_emit, logit_lengths, target_lengths, fastemit_lambda, one_per_frame, context_blank,
+                float(delay_penalty), residuals.alphas, residuals.log_likelihood, costs)
+
+
+def _variant_backward(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, fastemit_lambda,
+                      clamp, grad_scale, residuals, grads, rnnt_type, delay_penalty):
+    one_per_frame, context_blank = _variant_flags(rnnt_type)
+    delay_penalty = float(delay_penalty)
+    beta = np.empty_like(residuals.alphas)
+    cells = _cells(beta)
+    with _section("betas_variant", 1, cells):
+        _launch(betas_variant, betas_variant_serial, cells, residuals.log_blank, residuals.log_emit, logit_lengths,
+                target_lengths, one_per_frame, context_blank, delay_penalty, beta)
+    rows = _rows(logits)
+    with _section("gradients_variant", rows, 1):
+        _launch(gradients_variant, gradients_variant_serial, rows, logits, targets, logit_lengths, target_lengths,
+                blank, fused_log_softmax, fastemit_lambda, clamp, one_per_frame, context_blank, delay_penalty,
+                grad_scale, residuals.log_norm, residuals.log_blank, residuals.log_emit, residuals.alphas, beta,
+                residuals.log_likelihood, grads)
