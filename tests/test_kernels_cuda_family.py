@@ -6,7 +6,9 @@ the Numba CUDA simulator on tiny problems (in a subprocess started with ``NUMBA_
 ``test_kernels_cuda.py``) and match the float64 references: costs and gradients, float32/float64/16-bit,
 padding exactly zero, sigma, FastEmit, clamp, label_head_only (omega), gradient scales, all through
 ``family.cuda_forward`` / ``cuda_backward`` (the adapters' CUDA dispatch), also with one TDT omega mode per
-group of the batch. With a GPU the same cases run on the device.
+group of the batch; and the adapters' CUDA paths on the simulated kernels: the torch operators' CUDA
+registrations (torch.cuda stubbed, tensors' memory wrapped) and the JAX GPU callbacks (fake XLA buffers)
+against the CPU paths. With a GPU the kernel cases run on the device.
 """
 
 from __future__ import annotations
@@ -281,6 +283,56 @@ def run_torch_registrations() -> dict[str, np.ndarray]:
     return results
 
 
+# The JAX adapter's GPU callbacks (rnnt_xla.jax._forward_gpu / _backward_gpu) on fake XLA buffers (simulator
+# arrays with a CUDA dlpack device): float32 logits, so the float64 residuals travel as uint32 pairs.
+# name -> (reduction, keyword arguments of the public loss)
+JAX_OPTIONS = {
+    "tdt": ("mean", dict(kind="tdt", durations=(0, 1, 2), sigma=0.05, fastemit_lambda=0.1, clamp=0.5)),
+    "multiblank": ("sum", dict(kind="multiblank", durations=(2, 3), sigma=0.05)),
+    "modified-delay": ("none", dict(kind="rnnt", rnnt_type="modified", delay_penalty=0.2, blank=1)),
+}
+
+
+def jax_inputs(name: str) -> list[np.ndarray]:
+    """Float32 logits ``(3, 5, 3, width)``, int32 labels below the big blanks, lengths with padding."""
+    kind, durations = JAX_OPTIONS[name][1]["kind"], JAX_OPTIONS[name][1].get("durations", ())
+    width = 6 + len(durations) if kind == "tdt" else 6
+    rng = np.random.default_rng(31)
+    return [rng.standard_normal((3, 5, 3, width)).astype(np.float32), rng.integers(0, 3, (3, 2)).astype(np.int32),
+            np.array([5, 3, 2], np.int32), np.array([2, 1, 2], np.int32)]
+
+
+def run_jax_callbacks() -> dict[str, np.ndarray]:
+    """Loss and gradient of each :data:`JAX_OPTIONS` through the GPU callbacks (see above)."""
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    from rnnt_xla import jax as rj
+    from rnnt_xla.validation import ArraySpec, check_arguments
+
+    class Buffer(FakeCUDAArray):
+        def __dlpack_device__(self):
+            return (2, 0)  # kDLCUDA, GPU 0
+
+    results = {}
+    for name, (reduction, options) in JAX_OPTIONS.items():
+        arrays = jax_inputs(name)
+        options = dict(dict(blank=-1, clamp=-1.0, fused_log_softmax=True, fastemit_lambda=0.0), **options)
+        names = ("logits", "targets", "logit_lengths", "target_lengths")
+        shape = check_arguments(*(ArraySpec(n, a.shape, a.dtype.name, "jax") for n, a in zip(names, arrays)),
+                                reduction=reduction, **options)
+        options.pop("blank")
+        spec = family.make_spec(shape, **options)
+        opts = rj._Options(shape, reduction, spec, mean_batch=shape.batch, check_values=False)
+        buffers = [Buffer(a) for a in arrays]
+        loss = Buffer(np.zeros(() if reduction != "none" else (3,), np.float32))
+        residuals = [Buffer(np.zeros(t.shape, t.dtype)) for t in rj._residual_types(spec, arrays[0])]
+        rj._forward_gpu(opts, 0, (loss, residuals), *buffers, [])
+        grads = Buffer(np.zeros_like(arrays[0]))
+        rj._backward_gpu(opts, 0, grads, *buffers, residuals, Buffer(np.full(loss.shape, 0.5, np.float32)), [])
+        results[f"jax/{name}/loss"], results[f"jax/{name}/grads"] = loss.copy_to_host(), grads.copy_to_host()
+    return results
+
+
 def simulate(out: str) -> None:
     """Run the cases under the simulator and save the results in ``out`` (npz); called in a subprocess started
     with ``NUMBA_ENABLE_CUDASIM=1``."""
@@ -293,6 +345,7 @@ def simulate(out: str) -> None:
     cuda_kernels._MIN_THREADS = 4
     results["family/costs"], results["family/grads"] = run_family(FAMILY_CASE, FAMILY_DRAWS)
     results.update(run_torch_registrations())
+    results.update(run_jax_callbacks())
     np.savez(out, **results)
 
 
@@ -376,6 +429,35 @@ def test_simulated_torch_cuda_registrations_match_the_cpu_operators(simulated, n
     np.testing.assert_allclose(simulated[f"torch/{name}/loss"], outputs[0].numpy(), rtol=1e-12)
     np.testing.assert_allclose(simulated[f"torch/{name}/grads"], grads.numpy(), atol=1e-12, rtol=0)
     assert np.abs(grads.numpy()).max() > 0
+
+
+@needs_numba_cuda
+@pytest.mark.parametrize("name", JAX_OPTIONS)
+def test_simulated_jax_gpu_callbacks_match_the_cpu_adapter(simulated, name):
+    """The JAX adapter's GPU callbacks on the simulated kernels give its CPU path's loss and gradient (float32,
+    different kernels: to float32 rounding)."""
+    jax = pytest.importorskip("jax")
+    from rnnt_xla import jax as rj
+
+    reduction, options = JAX_OPTIONS[name]
+    options = dict(options)
+    kind = options.pop("kind")
+    durations = options.pop("durations", None)
+    arrays = [jax.numpy.asarray(a) for a in jax_inputs(name)]
+
+    def loss(x):
+        if kind == "tdt":
+            value = rj.tdt_loss(x, *arrays[1:], durations, reduction=reduction, **options)
+        elif kind == "multiblank":
+            value = rj.multiblank_rnnt_loss(x, *arrays[1:], durations, reduction=reduction, **options)
+        else:
+            value = rj.rnnt_loss(x, *arrays[1:], reduction=reduction, **options)
+        return 0.5 * value.sum()
+
+    value, grad = jax.value_and_grad(loss)(arrays[0])
+    np.testing.assert_allclose(0.5 * simulated[f"jax/{name}/loss"].sum(), float(value), rtol=1e-5)
+    np.testing.assert_allclose(simulated[f"jax/{name}/grads"], np.asarray(grad), atol=1e-5, rtol=0)
+    assert np.abs(np.asarray(grad)).max() > 0
 
 
 # ---------------------------------------------------------------------------------------------------------
