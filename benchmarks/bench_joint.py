@@ -10,7 +10,12 @@ Shapes are ``B,T,U,D,V`` (``E = P = joint_dim = D``); the joint is ``Linear(tanh
 - ``torch_unfused``: ``rnnt_xla.torch.rnnt_loss(joint(enc, pred), ...)``;
 - ``torchaudio``: ``torchaudio.functional.rnnt_loss(joint(enc, pred), ...)`` (peers environment only);
 - ``plain_torch``: the plain vectorised torch loss of ``benchmarks/plain_torch.py`` on ``joint(enc, pred)``;
+- ``torch_joint_only``: ``joint(enc, pred).sum()``, fwd+bwd: the joint's own cost, a floor for any loss that
+  takes the logits (torchaudio's time over this is the most any loss could gain on it);
 - ``jax_fused``, ``jax_unfused``, ``plain_jax``: the same in JAX, each a jitted ``value_and_grad``.
+
+``--tile-mb 32 64 256`` measures the fused implementations once per tile size (labels ``torch_fused[64MB]``);
+without it they use the default ``tile_bytes``.
 
 Each (implementation, shape) runs in a fresh process: one warm-up step, then ``--repeats`` timed steps
 (median and minimum), and the growth of the process's peak RSS over the timed steps (the RSS high-water
@@ -38,10 +43,12 @@ sys.path[:0] = [str(REPO_ROOT), str(HERE)]
 from memory import _current_rss_bytes, _maxrss_bytes, _quiesce, run_in_fresh_process  # noqa: E402
 
 SHAPES = ["8,200,50,256,256", "16,300,80,512,1024", "32,400,100,512,4096"]
-IMPLS = ["torch_fused", "torch_unfused", "torchaudio", "plain_torch", "jax_fused", "jax_unfused", "plain_jax"]
+IMPLS = ["torch_fused", "torch_unfused", "torchaudio", "plain_torch", "torch_joint_only", "jax_fused", "jax_unfused",
+         "plain_jax"]
 # Peak memory of one fwd+bwd as a multiple of the float32 logits, to skip what cannot fit (measured on the
 # small shape, rounded up): the logits, their gradient and the joint's activations of the same size.
-UNFUSED_FACTOR = {"torch_unfused": 4.0, "torchaudio": 5.0, "plain_torch": 6.0, "jax_unfused": 5.0, "plain_jax": 7.0}
+UNFUSED_FACTOR = {"torch_unfused": 4.0, "torchaudio": 5.0, "plain_torch": 6.0, "torch_joint_only": 4.0,
+                  "jax_unfused": 5.0, "plain_jax": 7.0}
 
 
 def _shape(text: str) -> tuple[int, int, int, int, int]:
@@ -49,7 +56,7 @@ def _shape(text: str) -> tuple[int, int, int, int, int]:
     return B, T, U, D, V
 
 
-def _torch_step(name: str, shape):
+def _torch_step(name: str, shape, tile_bytes: int | None):
     import torch
 
     from rnnt_xla.torch import Joint, fused_rnnt_loss, rnnt_loss
@@ -63,7 +70,7 @@ def _torch_step(name: str, shape):
     frames, labels = torch.full((B,), T, dtype=torch.int32), torch.full((B,), U, dtype=torch.int32)
     if name == "torch_fused":
         def loss():
-            return fused_rnnt_loss(enc, pred, joint, targets, frames, labels, blank=0)
+            return fused_rnnt_loss(enc, pred, joint, targets, frames, labels, blank=0, tile_bytes=tile_bytes)
     elif name == "torch_unfused":
         def loss():
             return rnnt_loss(joint(enc, pred), targets, frames, labels, blank=0)
@@ -72,6 +79,9 @@ def _torch_step(name: str, shape):
 
         def loss():
             return F.rnnt_loss(joint(enc, pred), targets, frames, labels, blank=0)
+    elif name == "torch_joint_only":
+        def loss():
+            return joint(enc, pred).sum()
     else:
         from plain_torch import rnnt_loss_plain_torch
 
@@ -88,7 +98,7 @@ def _torch_step(name: str, shape):
     return step, {}
 
 
-def _jax_step(name: str, shape):
+def _jax_step(name: str, shape, tile_bytes: int | None):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -110,7 +120,7 @@ def _jax_step(name: str, shape):
 
     if name == "jax_fused":
         def loss(p, e, d):
-            return fused_rnnt_loss(joint, p, e, d, targets, frames, labels, blank=0)
+            return fused_rnnt_loss(joint, p, e, d, targets, frames, labels, blank=0, tile_bytes=tile_bytes)
     elif name == "jax_unfused":
         def loss(p, e, d):
             return rnnt_loss(joint(p, e, d), targets, frames, labels, blank=0)
@@ -132,30 +142,49 @@ def _jax_step(name: str, shape):
     return step, {"xla_temp_bytes": int(analysis.temp_size_in_bytes)}
 
 
-def child(name: str, shape, repeats: int) -> dict[str, object]:
+def child(name: str, shape, repeats: int, tile_bytes: int | None = None, cold: bool = False) -> dict[str, object]:
+    """``repeats`` timed steps after one warm-up step of the same shape, or (``cold``: shapes that take
+    minutes a step) after a warm-up on a tiny problem with the same joint sizes, so that the one timed step
+    is also the first at this shape (its RSS growth includes every first-time allocation)."""
     if name == "torchaudio":
         try:
             import torchaudio  # noqa: F401
         except ImportError:
             return {"error": "torchaudio not installed (run from the peers environment: benchmarks/setup_peers.sh)"}
-    step, extra = (_jax_step if name.startswith(("jax", "plain_jax")) else _torch_step)(name, shape)
-    loss = step()  # warm-up: compiles, allocates, faults in
+    make = _jax_step if name.startswith(("jax", "plain_jax")) else _torch_step
+    if cold:
+        B, T, U, D, V = shape
+        make(name, (1, 2, 2, D, V), tile_bytes)[0]()  # compiles kernels and torch/XLA paths
+    step, extra = make(name, shape, tile_bytes)
+    loss = None if cold else step()  # warm-up: compiles, allocates, faults in
     reset = _quiesce()
     before = _maxrss_bytes()
     rss_before = _current_rss_bytes()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        step()
+        value = step()
         times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "min_s": min(times), "loss": loss,
-            "rss_growth_bytes": _maxrss_bytes() - max(before, rss_before) if reset else None, **extra}
+    return {"median_s": statistics.median(times), "min_s": min(times), "loss": value if loss is None else loss,
+            "rss_growth_bytes": _maxrss_bytes() - max(before, rss_before) if reset else None, "cold": cold, **extra}
 
 
-def measure(name: str, shape: str, repeats: int, timeout_s: float) -> dict[str, object]:
+def measure(name: str, shape: str, repeats: int, timeout_s: float, tile_mb: float | None = None,
+            cold: bool = False) -> dict[str, object]:
     """:func:`child` in a fresh process (through ``sh``: see ``benchmarks/memory.py`` on ``ru_maxrss``)."""
     cmd = [sys.executable, str(Path(__file__)), "--child", name, "--shapes", shape, "--repeats", str(repeats)]
-    return run_in_fresh_process(cmd, timeout_s)
+    if cold:
+        cmd.append("--cold")
+    if tile_mb is not None:
+        cmd += ["--tile-mb", str(tile_mb)]
+    result = run_in_fresh_process(cmd, timeout_s)
+    if tile_mb is not None:
+        result["tile_mb"] = tile_mb
+    return result
+
+
+def _tile_bytes(tile_mb: float | None) -> int | None:
+    return None if tile_mb is None else int(tile_mb * 2**20)
 
 
 def available_bytes() -> int:
@@ -172,19 +201,25 @@ def _gb(value) -> str:
 def markdown(report: dict) -> str:
     lines = [f"# Joint + RNNT loss, fwd+bwd ({report['environment']['cpu']}, {report['environment']['threads']} "
              f"threads, {report['environment']['date']})", "",
-             "Median step time in seconds (ratio to rnnt_xla's unfused path of the same framework), peak RSS "
-             "growth over the timed steps in GB; JAX: XLA's planned temporaries in GB.", "",
-             "| B,T,U,D,V | implementation | time s | vs unfused | peak RSS growth GB | XLA temp GB | loss |",
-             "|---|---|---|---|---|---|---|"]
+             "Median step time in seconds (ratio to rnnt_xla's unfused path of the same framework), minimum, "
+             "peak RSS growth over the timed steps in GB (ratio to unfused); JAX: XLA's planned temporaries in GB; "
+             "tile: the fused loss's tile_bytes in MB (-: its default). Logits over 4 GB: one cold step (warmed "
+             "up on a tiny problem), its time and the RSS growth it causes.", "",
+             "| B,T,U,D,V | implementation | tile MB | time s | vs unfused | min s | peak RSS growth GB | vs unfused "
+             "| XLA temp GB | loss |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for shape, results in report["results"].items():
         for name, r in results.items():
             if "error" in r or "skipped" in r:
-                lines.append(f"| {shape} | {name} | {r.get('error') or r.get('skipped')} | | | | |")
+                lines.append(f"| {shape} | {name} | | {r.get('error') or r.get('skipped')} | | | | | | |")
                 continue
-            base = results.get("torch_unfused" if name.startswith(("torch", "plain_torch")) else "jax_unfused", {})
+            base = results.get("jax_unfused" if name.startswith(("jax", "plain_jax")) else "torch_unfused", {})
             ratio = f"{r['median_s'] / base['median_s']:.2f}x" if "median_s" in base else "-"
-            lines.append(f"| {shape} | {name} | {r['median_s']:.3g} | {ratio} | {_gb(r.get('rss_growth_bytes'))} "
-                         f"| {_gb(r.get('xla_temp_bytes'))} | {r['loss']:.4f} |")
+            memory, base_memory = r.get("rss_growth_bytes"), base.get("rss_growth_bytes")
+            mem_ratio = f"1/{base_memory / memory:.1f}" if memory and base_memory else "-"
+            tile = f"{r['tile_mb']:g}" if r.get("tile_mb") is not None else "-"
+            lines.append(f"| {shape} | {name} | {tile} | {r['median_s']:.3g} | {ratio} | {r['min_s']:.3g} "
+                         f"| {_gb(memory)} | {mem_ratio} | {_gb(r.get('xla_temp_bytes'))} | {r['loss']:.4f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -196,8 +231,9 @@ def plot(report: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     shapes = list(report["results"])
-    width = 0.8 / len(IMPLS)
-    for i, name in enumerate(IMPLS):
+    names = list(dict.fromkeys(name for results in report["results"].values() for name in results))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
         times = [report["results"][s].get(name, {}).get("median_s") for s in shapes]
         mems = [report["results"][s].get(name, {}).get("rss_growth_bytes") for s in shapes]
         xs = [j + i * width for j in range(len(shapes))]
@@ -217,12 +253,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shapes", nargs="+", default=SHAPES, help="B,T,U,D,V")
     parser.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tile-mb", nargs="+", type=float, default=None,
+                        help="tile sizes (MB) for the fused implementations (default: the loss's own default)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per (implementation, shape)")
     parser.add_argument("--out", type=Path, default=None, help="results path without extension")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, _shape(args.shapes[0]), args.repeats)))
+        tile_mb = args.tile_mb[0] if args.tile_mb else None
+        print(json.dumps(child(args.child, _shape(args.shapes[0]), args.repeats, _tile_bytes(tile_mb), args.cold)))
         return
 
     from rich.console import Console
@@ -235,14 +275,17 @@ def main(argv: list[str] | None = None) -> None:
         B, T, U, D, V = _shape(shape)
         logits_bytes = B * T * (U + 1) * V * 4
         results = report["results"].setdefault(shape, {})
-        for name in args.impls:
+        runs = [(name, tile_mb) for name in args.impls
+                for tile_mb in (args.tile_mb or [None] if name.endswith("_fused") else [None])]
+        for name, tile_mb in runs:
+            label = name if tile_mb is None or not args.tile_mb or len(args.tile_mb) == 1 else f"{name}[{tile_mb:g}MB]"
             need = UNFUSED_FACTOR.get(name, 0) * logits_bytes
             if need > 0.9 * available_bytes():
-                results[name] = {"skipped": f"needs ~{need / 1e9:.0f} GB (logits {logits_bytes / 1e9:.1f} GB)"}
+                results[label] = {"skipped": f"needs ~{need / 1e9:.0f} GB (logits {logits_bytes / 1e9:.1f} GB)"}
             else:
-                big = logits_bytes > 4e9  # minutes per step: time one
-                results[name] = measure(name, shape, 1 if big else args.repeats, args.timeout)
-            console.print(shape, name, results[name])
+                big = logits_bytes > 4e9  # minutes per step: time one, warmed up on a tiny problem
+                results[label] = measure(name, shape, 1 if big else args.repeats, args.timeout, tile_mb, cold=big)
+            console.print(shape, label, results[label])
     out = args.out or HERE / "results" / f"joint_{socket.gethostname()}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))

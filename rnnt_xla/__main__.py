@@ -86,6 +86,8 @@ def check(repeats: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rnnt_xla.demo.models import DEFAULT_LOSS, LOSSES  # numpy only
+
     parser = argparse.ArgumentParser(prog="python -m rnnt_xla", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command")
@@ -96,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
                              help="digit strings synthesised with eSpeak NG (default), or synthetic frames (fast)")
     demo_parser.add_argument("--steps", type=int, default=None, help="training steps per framework")
     demo_parser.add_argument("--framework", choices=["torch", "jax", "both"], default="both")
+    demo_parser.add_argument("--loss", choices=LOSSES, default=DEFAULT_LOSS,
+                             help="rnnt: rnnt_loss on the joiner's full output (default); fused: fused_rnnt_loss, "
+                             "the joiner evaluated inside the loss tile by tile; tdt: the Token-and-Duration Transducer (the joiner "
+                             "also predicts durations 0-4, greedy decoding skips frames by them)")
     demo_parser.add_argument("--out", default=None, help="folder for results.json and the figures "
                              "(default ./rnnt_xla_demo)")
     demo_parser.add_argument("--cache-dir", default=None, help="folder of the synthesised corpus "
@@ -108,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         from rnnt_xla.demo import main as demo_main
 
         return demo_main(steps=args.steps, framework=args.framework, data=args.data, out=args.out,
-                         cache_dir=args.cache_dir)
+                         cache_dir=args.cache_dir, loss=args.loss)
     if args.command == "doctor":
         from rnnt_xla.doctor import main as doctor_main
 

@@ -566,14 +566,17 @@ def _sharded_over_batch(options: _Options, split: _BatchSplit, logits, targets, 
 
 
 def _resharded(a: jax.Array, mesh, spec: P) -> jax.Array:
-    """``a`` resharded to ``spec`` if its sharding is explicit and different (``shard_map`` requires
+    """``a`` resharded to ``spec`` on an Explicit ``mesh`` unless it already is (``shard_map`` requires
     explicitly sharded inputs to match its ``in_specs``); on Auto axes ``shard_map`` reshards by itself."""
-    sharding = jax.typeof(a).sharding
-    if AxisType.Explicit not in sharding.mesh.axis_types:
+    if AxisType.Explicit not in mesh.axis_types:
         return a
+    sharding = jax.typeof(a).sharding
     current = tuple(sharding.spec) + (None,) * (a.ndim - len(sharding.spec))
     wanted = tuple(spec) + (None,) * (a.ndim - len(spec))
-    return a if current == wanted else jax.reshard(a, NamedSharding(mesh, spec))
+    if not sharding.mesh.empty and current == wanted:
+        return a
+    # Also arrays on no mesh at all (targets and lengths the user did not shard with the logits)
+    return jax.reshard(a, NamedSharding(mesh, spec))
 
 
 def _mesh_size(mesh, axes: tuple[str, ...]) -> int:

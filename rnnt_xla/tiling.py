@@ -17,9 +17,13 @@ import numpy as np
 
 __all__ = ["DEFAULT_TILE_BYTES", "Tile", "plan_tiles"]
 
-# Large enough for the joint's matrix products to run at full speed, small enough to stay far below the
-# memory of a full logits tensor at the sizes that need fusing (21 GB at B=32, T=400, U=100, V=4096).
-DEFAULT_TILE_BYTES = 256 << 20
+# Large enough for the joint's matrix products to run at full speed (a 32 MB tile of V=1024 float32 logits is
+# 8K (b, t, u) rows, an (8K, joint_dim) @ (joint_dim, V) product), small enough that a fwd+bwd's peak - six to
+# nine tiles' worth: the tile's logits, their gradient and the joint's activations - stays about a tenth of the
+# unfused peak at the sizes that need fusing. Measured (benchmarks/results/joint_vm_mid_tiles.md, joint_tiles_vm.md)
+# at (16, 300, 80, 512, 1024): peak RSS growth 0.58 / 0.40 / 0.18 GB with 64 / 32 / 16 MB tiles against 4.01 GB
+# unfused; round-robin step time 1.25x / 1.38x / 1.47x unfused (medians on a shared 2-core VM).
+DEFAULT_TILE_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)

@@ -178,6 +178,37 @@ def test_main_runs_a_short_synthetic_torch_demo(capsys, tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["frameworks"]["torch"]["steps"] == 5
 
 
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_fused_loss_trains_as_the_plain_loss(framework):
+    """``loss="fused"`` (the joiner inside fused_rnnt_loss) is the same loss: the same losses step by step."""
+    for module in ("torch",) if framework == "torch" else ("jax", "flax", "optax"):
+        pytest.importorskip(module)
+    task = demo.SyntheticTask(**SMALL_TASK)
+    train = demo.train_torch if framework == "torch" else demo.train_jax
+    plain, fused = (train(task, 4, SMALL_MODEL, loss=loss)[-1] for loss in ("rnnt", "fused"))
+    np.testing.assert_allclose(fused, plain, rtol=2e-4)
+    with pytest.raises(ValueError, match="loss must be one of 'rnnt', 'fused'"):
+        train(task, 1, SMALL_MODEL, loss="ctc")
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_command_line_demo_with_the_fused_loss(framework, tmp_path, capsys):
+    """``python -m rnnt_xla demo --loss fused`` trains in each framework (short synthetic run)."""
+    for module in ("torch", "matplotlib") if framework == "torch" else ("jax", "flax", "optax", "matplotlib"):
+        pytest.importorskip(module)
+    from rnnt_xla.__main__ import main
+
+    code = main(["demo", "--data", "synthetic", "--steps", "5", "--framework", framework, "--loss", "fused",
+                 "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "loss: fused_rnnt_loss" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["loss"] == "fused" and results["frameworks"][framework]["steps"] == 5
+    with pytest.raises(SystemExit):
+        main(["demo", "--loss", "ctc"])
+
+
 def test_missing_synthesiser_gives_a_clear_message(capsys, tmp_path, monkeypatch):
     pytest.importorskip("torch")
     from rnnt_xla.demo import speech

@@ -6,7 +6,7 @@ import importlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,9 @@ SPEECH_MODEL = ModelConfig(hidden=128, strides=(2, 2), bidirectional=True, batch
                            final_lr=0.05)
 SPEECH_STEPS = 1000
 DEFAULT_OUT = Path("rnnt_xla_demo")
+_LOSS_NAMES = {"rnnt": "rnnt_loss on the joiner's logits", "fused": "fused_rnnt_loss (joiner inside the loss, tiled)",
+               "tdt": "tdt_loss (the joiner also scores durations 0-4)"}
+_LOSS_TITLES = {"rnnt": "RNN-T", "fused": "fused RNN-T", "tdt": "TDT"}
 
 
 @dataclass
@@ -38,6 +41,7 @@ class Experiment:
     words: tuple[str, ...]  # printed form of label 1, 2, ...
     frame_seconds: float | None  # seconds per feature frame (None: not audio)
     description: str
+    loss: str = models.DEFAULT_LOSS  # one of models.LOSSES
 
     def say(self, labels: list[int]) -> str:
         return " ".join(self.words[label - 1] for label in labels)
@@ -117,11 +121,13 @@ def _train(name: str, experiment: Experiment, progress, console) -> Run:
 
     start = time.perf_counter()
     if name == "torch":
-        model, losses = models.train_torch(experiment.train, steps, experiment.model, on_step=on_step)
+        model, losses = models.train_torch(experiment.train, steps, experiment.model, on_step=on_step,
+                                           loss=experiment.loss)
         train_seconds = time.perf_counter() - start
         alignments = models.align_torch(model, experiment.test)
     else:
-        model, params, losses = models.train_jax(experiment.train, steps, experiment.model, on_step=on_step)
+        model, params, losses = models.train_jax(experiment.train, steps, experiment.model, on_step=on_step,
+                                                 loss=experiment.loss)
         train_seconds = time.perf_counter() - start
         alignments = models.align_jax(model, params, experiment.test, experiment.model)
     decode_seconds = time.perf_counter() - start - train_seconds
@@ -142,8 +148,10 @@ def _figures(experiment: Experiment, runs: list[Run], out: Path) -> dict[str, st
     from rnnt_xla.demo.plots import plot_alignment, plot_losses
 
     figures = {"loss_curves": str(plot_losses({r.framework: r.losses for r in runs}, out / "loss_curves.png",
-                                              f"rnnt_xla transducer loss, {experiment.name} data"))}
-    if experiment.frame_seconds is not None:
+                                              f"rnnt_xla {_LOSS_TITLES[experiment.loss]} loss, "
+                                              f"{experiment.name} data"))}
+    # The alignment picture is the RNN-T lattice posterior; a TDT model's lattice has skipping arcs.
+    if experiment.frame_seconds is not None and not experiment.model.durations:
         run = runs[0]
         k = run.pictured
         reference = experiment.test.references()[k]
@@ -195,9 +203,9 @@ def _summary(console, experiment: Experiment, runs: list[Run], shown: int = 5) -
 
 
 def main(steps: int | None = None, framework: str = "both", data: str = "speech", out: Path | str | None = None,
-         cache_dir: Path | str | None = None, speech_config=None) -> int:
-    """Train and decode with the requested framework(s); 0 if every run trained (finite, falling loss),
-    1 if one did not, 2 for a usage error or a missing extra."""
+         cache_dir: Path | str | None = None, speech_config=None, loss: str = models.DEFAULT_LOSS) -> int:
+    """Train and decode with the requested framework(s) and loss (``models.LOSSES``); 0 if every run trained
+    (finite, falling loss), 1 if one did not, 2 for a usage error or a missing extra."""
     from rich.console import Console
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -206,6 +214,7 @@ def main(steps: int | None = None, framework: str = "both", data: str = "speech"
         raise ValueError(f"framework must be 'torch', 'jax' or 'both', got {framework!r}")
     if data not in ("speech", "synthetic"):
         raise ValueError(f"data must be 'speech' or 'synthetic', got {data!r}")
+    models._check_loss(loss)
     started = time.perf_counter()
     console = Console(soft_wrap=True)  # long lines stay whole when the output goes to a file or a test
     if steps is not None and steps < 1:
@@ -223,6 +232,11 @@ def main(steps: int | None = None, framework: str = "both", data: str = "speech"
             frameworks.append(name)
         except ImportError as error:
             console.print(f"[yellow]{name} part skipped[/]: {escape(f'{error} (pip install -e .[{extras}])')}")
+    if loss == "tdt":
+        missing = [name for name in frameworks if not models.tdt_available(name)]
+        for name in missing:
+            console.print(f"[red]--loss tdt: rnnt_xla.{name}.tdt_loss is not in this version of rnnt_xla[/]")
+        frameworks = [name for name in frameworks if name not in missing]
     if not frameworks:
         return 2
 
@@ -237,8 +251,12 @@ def main(steps: int | None = None, framework: str = "both", data: str = "speech"
             return 2
     else:
         experiment = synthetic_experiment(steps)
+    experiment.loss = loss
+    if loss == "tdt":  # the joiner also predicts each token's duration; decoding skips frames by it
+        experiment.model = models.config_for(loss, experiment.model)
     console.print(experiment.description, highlight=False)
-    console.print(f"Model: {experiment.model}; {experiment.steps} steps per framework", highlight=False)
+    console.print(f"Model: {experiment.model}; {experiment.steps} steps per framework; loss: {_LOSS_NAMES[loss]}",
+                  highlight=False)
 
     runs = []
     columns = TextColumn("{task.description:>5}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}")
@@ -255,7 +273,8 @@ def main(steps: int | None = None, framework: str = "both", data: str = "speech"
     out.mkdir(parents=True, exist_ok=True)
     figures = _figures(experiment, runs, out)
     total = time.perf_counter() - started
-    summary = {"data": experiment.name, "description": experiment.description, "model": asdict(experiment.model),
+    summary = {"data": experiment.name, "loss": loss, "description": experiment.description,
+               "model": asdict(experiment.model),
                "seconds": total, "frameworks": results, "figures": figures}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     console.print(f"Figures: {', '.join(figures.values())}; results: {out / 'results.json'}", highlight=False)

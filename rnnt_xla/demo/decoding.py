@@ -64,6 +64,61 @@ def greedy_alignments(encoded: Any, lengths: np.ndarray, predict: PredictFn, joi
         t, at_t = t + full, np.where(full, 0, at_t)
 
 
+def greedy_tdt_alignments(encoded: Any, lengths: np.ndarray, predict: PredictFn, join: JoinFn,
+                          durations: tuple[int, ...], max_symbols_per_frame: int = 3) -> list[list[tuple[int, int]]]:
+    """Greedy Token-and-Duration Transducer decoding of a batch; ``(label, frame)`` per emitted label.
+
+    ``join`` returns ``(B, T, V + D)``: the label scores, then the scores of ``durations`` (D of them). At
+    frame t the best label and the best duration d are taken: a blank moves on ``max(d, 1)`` frames (it
+    must advance); a label is emitted, fed to the prediction network, and moves on d frames (d = 0 stays
+    on the frame, at most ``max_symbols_per_frame`` times, then moves on one). So the decoder skips the
+    frames the model says the last token lasts, the point of TDT. As in :func:`greedy_alignments`, the
+    joiner is evaluated for all frames at once per emitted label position (its output changes only when a
+    label is emitted) and each utterance walks its blanks from it.
+
+    Args:
+        encoded: ``(B, T, H)`` encoder output; only the first ``lengths[b]`` frames of utterance b are read.
+        lengths: ``(B,)`` int valid frames.
+        durations: the D durations of the model's duration head, in its order.
+    """
+    lengths = np.asarray(lengths)
+    steps = np.asarray(durations, np.int64)
+    D = len(steps)
+    B = len(lengths)
+    emitted: list[list[tuple[int, int]]] = [[] for _ in range(B)]
+    pred, state = predict(np.full(B, BLANK), None)
+    t = np.zeros(B, np.int64)
+    at_t = np.zeros(B, np.int64)  # labels emitted at frame t so far
+    active = lengths > 0
+    rows = np.arange(B)
+    while True:
+        scores = np.asarray(join(encoded, pred))  # (B, T, V + D)
+        best = np.argmax(scores[..., :-D], axis=-1)  # (B, T) labels
+        skip = steps[np.argmax(scores[..., -D:], axis=-1)]  # (B, T) durations
+        labels = np.full(B, BLANK)
+        for b in np.flatnonzero(active):
+            frame = t[b]
+            while frame < lengths[b] and best[b, frame] == BLANK:
+                frame += max(int(skip[b, frame]), 1)
+            if frame >= lengths[b]:
+                active[b] = False
+                continue
+            if frame != t[b]:
+                t[b], at_t[b] = frame, 0
+            labels[b] = best[b, frame]
+            emitted[b].append((int(labels[b]), int(frame)))
+        if not active.any():
+            return emitted
+        new_pred, new_state = predict(labels, state)
+        pred = np.where(active[:, None], new_pred, pred)
+        state = np.where(active[:, None], new_state, state)
+        d = np.where(active, skip[rows, np.minimum(t, skip.shape[1] - 1)], 0)
+        at_t = np.where(active & (d == 0), at_t + 1, np.where(active, 0, at_t))
+        full = at_t >= max_symbols_per_frame
+        t = t + d + full
+        at_t = np.where(full, 0, at_t)
+
+
 def greedy_decode(encoded: Any, lengths: np.ndarray, predict: PredictFn, join: JoinFn,
                   max_symbols_per_frame: int = 3) -> list[list[int]]:
     """The labels of :func:`greedy_alignments`."""

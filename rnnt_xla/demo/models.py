@@ -10,6 +10,8 @@ the decoder is the shared numpy code of :mod:`rnnt_xla.demo.decoding`.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from rnnt_xla.demo.data import BLANK, Batch
-from rnnt_xla.demo.decoding import greedy_alignments
+from rnnt_xla.demo.decoding import greedy_alignments, greedy_tdt_alignments
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +48,12 @@ class ModelConfig:
     lr: float = 1e-2  # peak learning rate (Adam)
     warmup: int = 0  # steps of linear warm-up, then a cosine decay to final_lr * lr
     final_lr: float = 1.0  # 1.0: constant after the warm-up
+    # TDT durations (frames): the joiner also scores these and training uses the TDT loss; () is RNN-T.
+    durations: tuple[int, ...] = ()
+
+    @property
+    def loss(self) -> str:
+        return "tdt" if self.durations else "rnnt"
 
     def learning_rates(self, steps: int) -> np.ndarray:
         """``(steps,)`` float32: the learning rate of every step, the same table for both frameworks."""
@@ -56,12 +64,46 @@ class ModelConfig:
         return (self.lr * warm * decay).astype(np.float32)
 
 
+# The losses the demo can train with (``--loss``): the plain loss on the joiner's full output, or the fused
+# joint + loss, which never holds the (B, T', U+1, V) logits. Each framework maps these names to a function.
+# "tdt" trains a Token-and-Duration Transducer: the joiner also scores TDT_DURATIONS (ModelConfig.durations).
+LOSSES = ("rnnt", "fused", "tdt")
+DEFAULT_LOSS = "rnnt"
+TDT_DURATIONS = (0, 1, 2, 3, 4)  # frames (Parakeet-TDT's durations)
+
+
+def _check_loss(loss: str) -> None:
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(map(repr, LOSSES))}, got {loss!r}")
+
+
+def config_for(loss: str, config: "ModelConfig") -> "ModelConfig":
+    """``config`` for training with ``loss``: TDT needs the duration head (``TDT_DURATIONS`` unless
+    ``config.durations`` is set), the other losses need a joiner without one."""
+    _check_loss(loss)
+    if loss == "tdt":
+        return config if config.durations else dataclasses.replace(config, durations=TDT_DURATIONS)
+    if config.durations:
+        raise ValueError(f"loss={loss!r} trains an RNN-T joiner; config.durations={config.durations} is for 'tdt'")
+    return config
+
+
 def encoded_lengths(frame_lengths: np.ndarray, strides: tuple[int, ...]) -> np.ndarray:
     """Frames left after the encoder's convolutions (width 3, padding 1): ``(L - 1) // s + 1`` each."""
     lengths = np.asarray(frame_lengths)
     for s in strides:
         lengths = (lengths - 1) // s + 1
     return lengths.astype(np.int32)
+
+
+def tdt_available(framework: str) -> bool:
+    """Whether ``rnnt_xla.<framework>`` has a working ``tdt_loss`` (``--loss tdt``): the function and its CPU
+    kernels (``rnnt_xla.kernels.cpu_tdt``)."""
+    import importlib
+    import importlib.util
+
+    return (hasattr(importlib.import_module(f"rnnt_xla.{framework}"), "tdt_loss")
+            and importlib.util.find_spec("rnnt_xla.kernels.cpu_tdt") is not None)
 
 
 # ------------------------------------------------------------------------------------------- PyTorch
@@ -104,7 +146,9 @@ def torch_transducer(vocab_size: int, feature_dim: int, config: ModelConfig = Mo
                                   bidirectional=config.bidirectional)
             self.embed = nn.Embedding(vocab_size, hidden)
             self.predictor = nn.GRU(hidden, hidden, batch_first=True)
-            self.output = nn.Linear(hidden, vocab_size)
+            # TDT: the label scores, then one score per duration (the duration head).
+            self.output = nn.Linear(hidden, vocab_size + len(config.durations))
+            self.durations = config.durations
             self._init_like_flax()
 
         @torch.no_grad()
@@ -145,27 +189,56 @@ def torch_transducer(vocab_size: int, feature_dim: int, config: ModelConfig = Mo
             """Broadcasting joiner: ``(..., H)`` + ``(..., H)`` -> ``(..., V)`` unnormalised logits."""
             return self.output(torch.tanh(encoded + predicted))
 
-        def forward(self, frames: torch.Tensor, frame_lengths: torch.Tensor, labels: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-            """``(B, T, F)`` frames, ``(B,)`` lengths, ``(B, U)`` labels -> ``(B, T', U+1, V)`` logits and
-            ``(B,)`` encoded lengths."""
+        def features(self, frames: torch.Tensor, frame_lengths: torch.Tensor, labels: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """``(B, T, F)`` frames, ``(B,)`` lengths, ``(B, U)`` labels -> the joiner's inputs: encoder output
+            ``(B, T', H)``, prediction network output ``(B, U+1, H)``, and ``(B,)`` encoded lengths."""
             # Position u of the prediction network has seen labels[:u]: prepend the blank as BOS.
             previous = torch.cat([torch.full_like(labels[:, :1], BLANK), labels], dim=1).long()
             predicted, _ = self.predict(previous)
             encoded, lengths = self.encode(frames, frame_lengths)
-            return self.join(encoded[:, :, None, :], predicted[:, None, :, :]), lengths
+            return encoded, predicted, lengths
+
+        def joint(self, encoded: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+            """The joiner on ``(b, t, H)`` and ``(b, U+1, H)`` -> ``(b, t, U+1, V)`` (the fused loss's joint)."""
+            return self.join(encoded[:, :, None, :], predicted[:, None, :, :])
+
+        def forward(self, frames: torch.Tensor, frame_lengths: torch.Tensor, labels: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+            """``(B, T, F)`` frames, ``(B,)`` lengths, ``(B, U)`` labels -> ``(B, T', U+1, V)`` logits and
+            ``(B,)`` encoded lengths."""
+            encoded, predicted, lengths = self.features(frames, frame_lengths, labels)
+            return self.joint(encoded, predicted), lengths
 
     return TorchTransducer()
 
 
+def _torch_loss(name: str, model: torch.nn.Module, frames: torch.Tensor, frame_lengths: torch.Tensor,
+                labels: torch.Tensor, label_lengths: torch.Tensor) -> torch.Tensor:
+    """The batch's mean loss by ``name`` (:data:`LOSSES`)."""
+    from rnnt_xla.torch import fused_rnnt_loss, rnnt_loss, tdt_loss
+
+    if name == "tdt":  # the joiner's last len(durations) outputs are the duration head
+        logits, lengths = model(frames, frame_lengths, labels)
+        return tdt_loss(logits, labels, lengths, label_lengths, list(model.durations), blank=BLANK,
+                        reduction="mean")
+    if name == "fused":  # the joiner runs inside the loss, one tile at a time
+        encoded, predicted, lengths = model.features(frames, frame_lengths, labels)
+        return fused_rnnt_loss(encoded, predicted, model.joint, labels, lengths, label_lengths, blank=BLANK,
+                               reduction="mean")
+    logits, lengths = model(frames, frame_lengths, labels)
+    return rnnt_loss(logits, labels, lengths, label_lengths, blank=BLANK, reduction="mean")
+
+
 def train_torch(task: Task, steps: int, config: ModelConfig = ModelConfig(), *, seed: int = 0,
-                on_step: Callable[[int, float], None] | None = None) -> tuple[torch.nn.Module, list[float]]:
-    """Train the PyTorch model for ``steps`` Adam steps on batches drawn from ``task``.
-    Returns ``(model, losses)``."""
+                on_step: Callable[[int, float], None] | None = None, loss: str | None = None
+                ) -> tuple[torch.nn.Module, list[float]]:
+    """Train the PyTorch model for ``steps`` Adam steps on batches drawn from ``task`` with the loss named
+    ``loss`` (:data:`LOSSES`). Returns ``(model, losses)``."""
     import torch
 
-    from rnnt_xla.torch import rnnt_loss
-
+    loss = config.loss if loss is None else loss  # default: RNN-T, or TDT for a config with durations
+    config = config_for(loss, config)
     torch.manual_seed(seed)
     model = torch_transducer(task.vocab_size, task.feature_dim, config)
     rates = config.learning_rates(steps)
@@ -177,15 +250,13 @@ def train_torch(task: Task, steps: int, config: ModelConfig = ModelConfig(), *, 
             for group in optimizer.param_groups:
                 group["lr"] = float(rates[step])
             batch = task.sample(rng, config.batch_size)
-            labels = torch.from_numpy(batch.labels)
-            logits, lengths = model(torch.from_numpy(batch.frames), torch.from_numpy(batch.frame_lengths), labels)
-            loss = rnnt_loss(logits, labels, lengths, torch.from_numpy(batch.label_lengths), blank=BLANK,
-                             reduction="mean")
+            value = _torch_loss(loss, model, torch.from_numpy(batch.frames), torch.from_numpy(batch.frame_lengths),
+                                torch.from_numpy(batch.labels), torch.from_numpy(batch.label_lengths))
             optimizer.zero_grad()
-            loss.backward()
+            value.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # early RNNT gradients can spike
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(value.item())
             if on_step is not None:
                 on_step(step, losses[-1])
     return model, losses
@@ -205,6 +276,8 @@ def align_torch(model: torch.nn.Module, batch: Batch) -> list[list[tuple[int, in
 
     with torch.no_grad(), _one_torch_thread():
         encoded, lengths = model.encode(torch.from_numpy(batch.frames), torch.from_numpy(batch.frame_lengths))
+        if model.durations:
+            return greedy_tdt_alignments(encoded, lengths.numpy(), predict, join, model.durations)
         return greedy_alignments(encoded, lengths.numpy(), predict, join)
 
 
@@ -244,7 +317,7 @@ def flax_transducer(vocab_size: int, config: ModelConfig = ModelConfig()) -> lin
             self.embed = nn.Embed(vocab_size, hidden)
             self.predictor_cell = nn.GRUCell(hidden)
             self.predictor = nn.RNN(self.predictor_cell)  # shares the cell's weights with predict_step
-            self.output = nn.Dense(vocab_size)
+            self.output = nn.Dense(vocab_size + len(config.durations))  # TDT: + the duration head
 
         def encode(self, frames: jax.Array, encoded_lengths: jax.Array) -> jax.Array:
             """``(B, T, F)`` frames, ``(B,)`` lengths after subsampling -> ``(B, T', H)``; the GRU reads only
@@ -264,26 +337,52 @@ def flax_transducer(vocab_size: int, config: ModelConfig = ModelConfig()) -> lin
             """Broadcasting joiner: ``(..., H)`` + ``(..., H)`` -> ``(..., V)`` unnormalised logits."""
             return self.output(jnp.tanh(encoded + predicted))
 
+        def features(self, frames: jax.Array, encoded_lengths: jax.Array, labels: jax.Array
+                     ) -> tuple[jax.Array, jax.Array]:
+            """The joiner's inputs: encoder output ``(B, T', H)`` and prediction network output ``(B, U+1, H)``."""
+            # Position u of the prediction network has seen labels[:u]: prepend the blank as BOS.
+            previous = jnp.concatenate([jnp.full_like(labels[:, :1], BLANK), labels], axis=1)
+            return self.encode(frames, encoded_lengths), self.predictor(self.embed(previous))
+
+        def joint(self, encoded: jax.Array, predicted: jax.Array) -> jax.Array:
+            """The joiner on ``(b, t, H)`` and ``(b, U+1, H)`` -> ``(b, t, U+1, V)`` (the fused loss's joint)."""
+            return self.join(encoded[:, :, None, :], predicted[:, None, :, :])
+
         def __call__(self, frames: jax.Array, encoded_lengths: jax.Array, labels: jax.Array) -> jax.Array:
             """``(B, T, F)`` frames, ``(B,)`` lengths after subsampling, ``(B, U)`` labels -> ``(B, T', U+1, V)``
             logits."""
-            # Position u of the prediction network has seen labels[:u]: prepend the blank as BOS.
-            previous = jnp.concatenate([jnp.full_like(labels[:, :1], BLANK), labels], axis=1)
-            predicted = self.predictor(self.embed(previous))
-            return self.join(self.encode(frames, encoded_lengths)[:, :, None, :], predicted[:, None, :, :])
+            return self.joint(*self.features(frames, encoded_lengths, labels))
 
     return FlaxTransducer()
 
 
 def train_jax(task: Task, steps: int, config: ModelConfig = ModelConfig(), *, seed: int = 0,
-              on_step: Callable[[int, float], None] | None = None) -> tuple[linen.Module, Any, list[float]]:
-    """Train the Flax model with optax for ``steps`` steps on the same batches as :func:`train_torch`.
-    Returns ``(model, params, losses)``."""
+              on_step: Callable[[int, float], None] | None = None, loss: str | None = None
+              ) -> tuple[linen.Module, Any, list[float]]:
+    """Train the Flax model with optax for ``steps`` steps on the same batches as :func:`train_torch`, with
+    the loss named ``loss`` (:data:`LOSSES`). Returns ``(model, params, losses)``."""
     import jax
     import jax.numpy as jnp
     import optax
 
-    from rnnt_xla.jax import rnnt_loss
+    from rnnt_xla.jax import fused_rnnt_loss, rnnt_loss, tdt_loss
+
+    loss = config.loss if loss is None else loss  # default: RNN-T, or TDT for a config with durations
+    config = config_for(loss, config)
+
+    def joint_fn(params, encoded, predicted):  # the joiner alone, for the fused loss
+        return model.apply(params, encoded, predicted, method="joint")
+
+    def batch_loss(params, frames, lengths, labels, label_lengths):
+        if loss == "fused":  # the joiner runs inside the loss, one tile at a time
+            encoded, predicted = model.apply(params, frames, lengths, labels, method="features")
+            return fused_rnnt_loss(joint_fn, params, encoded, predicted, labels, lengths, label_lengths,
+                                   blank=BLANK, reduction="mean")
+        logits = model.apply(params, frames, lengths, labels)
+        if loss == "tdt":  # the joiner's last len(durations) outputs are the duration head
+            return tdt_loss(logits, labels, lengths, label_lengths, list(config.durations), blank=BLANK,
+                            reduction="mean")
+        return rnnt_loss(logits, labels, lengths, label_lengths, blank=BLANK, reduction="mean")
 
     model = flax_transducer(task.vocab_size, config)
     shapes = (np.zeros((1, task.max_frames, task.feature_dim), np.float32), np.ones(1, np.int32),
@@ -296,22 +395,18 @@ def train_jax(task: Task, steps: int, config: ModelConfig = ModelConfig(), *, se
 
     @jax.jit
     def train_step(params, opt_state, frames, lengths, labels, label_lengths):
-        def loss_fn(params):
-            logits = model.apply(params, frames, lengths, labels)
-            return rnnt_loss(logits, labels, lengths, label_lengths, blank=BLANK, reduction="mean")
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
+        value, grads = jax.value_and_grad(batch_loss)(params, frames, lengths, labels, label_lengths)
         updates, opt_state = optimizer.update(grads, opt_state)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, updates), opt_state, value
 
     rng = np.random.default_rng(seed)  # the same batches as train_torch
     losses = []
     for step in range(steps):
         batch = task.sample(rng, config.batch_size)
         lengths = encoded_lengths(batch.frame_lengths, config.strides)
-        params, opt_state, loss = train_step(params, opt_state, batch.frames, lengths, batch.labels,
-                                             batch.label_lengths)
-        losses.append(float(loss))
+        params, opt_state, value = train_step(params, opt_state, batch.frames, lengths, batch.labels,
+                                              batch.label_lengths)
+        losses.append(float(value))
         if on_step is not None:
             on_step(step, losses[-1])
     return model, params, losses
@@ -338,6 +433,8 @@ def align_jax(model: linen.Module, params: Any, batch: Batch, config: ModelConfi
     def join(encoded: jax.Array, predicted: np.ndarray) -> np.ndarray:
         return np.asarray(joiner(params, encoded, predicted))
 
+    if config.durations:
+        return greedy_tdt_alignments(encoded, lengths, predict, join, config.durations)
     return greedy_alignments(encoded, lengths, predict, join)
 
 

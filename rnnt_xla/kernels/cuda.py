@@ -45,6 +45,10 @@ __all__ = [
     "Residuals",
     "residual_shapes",
     "available",
+    "normalise",
+    "lattice_forward",
+    "lattice_backward",
+    "gradient",
     "forward",
     "backward",
     "compile_ptx",
@@ -572,6 +576,65 @@ def copy_from_host(host: np.ndarray, out: Any, stream: Any = None) -> None:
     out.copy_to_device(np.ascontiguousarray(host, dtype=out.dtype).reshape(out.shape), stream=_stream(stream))
 
 
+def normalise(logits: Any, targets: Any, logit_lengths: Any, target_lengths: Any, blank: int,
+              fused_log_softmax: bool, residuals: Residuals, stream: Any = None) -> None:
+    """Pass 1 (:func:`log_normalizers`) into ``residuals.log_norm/log_blank/log_emit`` (device arrays; the
+    other residuals are not touched and may be None). Asynchronous on ``stream``.
+
+    ``logits: (B, T, U1, V)`` may be a tile of frames of a longer problem: ``logit_lengths`` are then counted
+    from the tile's first frame and may exceed ``T`` (rows past the tile are simply not there)."""
+    _numba_cuda()
+    logits, targets, logit_lengths, target_lengths = map(_device, (logits, targets, logit_lengths, target_lengths))
+    log_norm, log_blank, log_emit = map(_device, residuals[:3])
+    B, T, U1, V = logits.shape
+    _kernels(logits.dtype).log_normalizers[B * T * U1, _threads(V, _MAX_ROW_THREADS), _stream(stream)](
+        logits, targets, logit_lengths, target_lengths, blank, bool(fused_log_softmax), log_norm, log_blank, log_emit)
+
+
+def lattice_forward(logit_lengths: Any, target_lengths: Any, fastemit_lambda: float, residuals: Residuals,
+                    costs: Any, stream: Any = None) -> None:
+    """Pass 2 (:func:`alphas_and_costs`) into ``residuals.alphas/log_likelihood`` and ``costs`` (device
+    arrays, ``costs`` in :func:`compute_dtype`). Asynchronous on ``stream``."""
+    _numba_cuda()
+    logit_lengths, target_lengths, costs = map(_device, (logit_lengths, target_lengths, costs))
+    res = Residuals(None, *map(_device, residuals[1:]))
+    B, T, U1 = res.alphas.shape
+    _kernels(np.dtype(costs.dtype)).alphas_and_costs[B, _threads(U1, _MAX_LATTICE_THREADS), _stream(stream)](
+        res.log_blank, res.log_emit, logit_lengths, target_lengths, float(fastemit_lambda), res.alphas,
+        res.log_likelihood, costs)
+
+
+def lattice_backward(logit_lengths: Any, target_lengths: Any, residuals: Residuals, out: Any,
+                     stream: Any = None) -> None:
+    """Pass 3 (:func:`betas`) into ``out: (B, T, U1)`` float64 (a device array). Asynchronous on ``stream``."""
+    _numba_cuda()
+    logit_lengths, target_lengths, out = map(_device, (logit_lengths, target_lengths, out))
+    log_blank, log_emit = map(_device, residuals[1:3])
+    B, T, U1 = out.shape
+    # The lattice kernels do not read the logits: any dtype's variant will do (float64 is always compiled).
+    _kernels(np.dtype(np.float64)).betas[B, _threads(U1, _MAX_LATTICE_THREADS), _stream(stream)](
+        log_blank, log_emit, logit_lengths, target_lengths, out)
+
+
+def gradient(logits: Any, targets: Any, logit_lengths: Any, target_lengths: Any, blank: int,
+             fused_log_softmax: bool, fastemit_lambda: float, clamp: float, grad_scale: Any,
+             residuals: Residuals, betas: Any, grads: Any, stream: Any = None) -> None:
+    """Pass 4 (:func:`gradients`) into ``grads`` (same shape and dtype as ``logits``), all device arrays
+    (``grad_scale: (B,)`` float64 too). Asynchronous on ``stream``.
+
+    As :func:`normalise`, ``logits`` may be a tile of frames; ``betas`` then has one frame more than the
+    tile (``betas[t + 1]`` of its last frame belongs to the next tile)."""
+    _numba_cuda()
+    logits, targets, logit_lengths, target_lengths, grad_scale, betas, grads = map(
+        _device, (logits, targets, logit_lengths, target_lengths, grad_scale, betas, grads))
+    res = Residuals(*map(_device, residuals))
+    B, T, U1, V = logits.shape
+    _kernels(logits.dtype).gradients[B * T * U1, _threads(V, _MAX_ROW_THREADS), _stream(stream)](
+        logits, targets, logit_lengths, target_lengths, blank, bool(fused_log_softmax), float(fastemit_lambda),
+        float(clamp), grad_scale, res.log_norm, res.log_blank, res.log_emit, res.alphas, betas,
+        res.log_likelihood, grads)
+
+
 def forward(logits: Any, targets: Any, logit_lengths: Any, target_lengths: Any, blank: int,
             fused_log_softmax: bool, fastemit_lambda: float, costs: Any, residuals: Residuals,
             stream: Any = None) -> None:
@@ -582,19 +645,8 @@ def forward(logits: Any, targets: Any, logit_lengths: Any, target_lengths: Any, 
     ``targets: (B, W)``, ``logit_lengths``, ``target_lengths: (B,)`` int32/int64, validated; all C-contiguous
     on one GPU. ``costs`` and ``residuals.log_norm`` are in :func:`compute_dtype`. Asynchronous on ``stream``.
     """
-    _numba_cuda()
-    logits, targets, logit_lengths, target_lengths, costs = map(
-        _device, (logits, targets, logit_lengths, target_lengths, costs))
-    res = Residuals(*map(_device, residuals))
-    kernels = _kernels(logits.dtype)
-    s = _stream(stream)
-    B, T, U1, V = logits.shape
-    kernels.log_normalizers[B * T * U1, _threads(V, _MAX_ROW_THREADS), s](
-        logits, targets, logit_lengths, target_lengths, blank, bool(fused_log_softmax),
-        res.log_norm, res.log_blank, res.log_emit)
-    kernels.alphas_and_costs[B, _threads(U1, _MAX_LATTICE_THREADS), s](
-        res.log_blank, res.log_emit, logit_lengths, target_lengths, float(fastemit_lambda),
-        res.alphas, res.log_likelihood, costs)
+    normalise(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, residuals, stream)
+    lattice_forward(logit_lengths, target_lengths, fastemit_lambda, residuals, costs, stream)
 
 
 def backward(logits: Any, targets: Any, logit_lengths: Any, target_lengths: Any, blank: int,
@@ -610,23 +662,15 @@ def backward(logits: Any, targets: Any, logit_lengths: Any, target_lengths: Any,
     freed under a running kernel. With both given it only enqueues work on ``stream``.
     """
     _numba_cuda()
-    logits, targets, logit_lengths, target_lengths, grads = map(
-        _device, (logits, targets, logit_lengths, target_lengths, grads))
-    res = Residuals(*map(_device, residuals))
-    kernels = _kernels(logits.dtype)
     s = _stream(stream)
-    B, T, U1, V = logits.shape
     owns_memory = betas is None or isinstance(grad_scale, np.ndarray)
     if isinstance(grad_scale, np.ndarray):
         grad_scale = cuda.to_device(np.ascontiguousarray(grad_scale, dtype=np.float64), stream=s)
-    else:
-        grad_scale = _device(grad_scale)
-    betas = cuda.device_array((B, T, U1), dtype=np.float64, stream=s) if betas is None else _device(betas)
-    kernels.betas[B, _threads(U1, _MAX_LATTICE_THREADS), s](
-        res.log_blank, res.log_emit, logit_lengths, target_lengths, betas)
-    kernels.gradients[B * T * U1, _threads(V, _MAX_ROW_THREADS), s](
-        logits, targets, logit_lengths, target_lengths, blank, bool(fused_log_softmax), float(fastemit_lambda),
-        float(clamp), grad_scale, res.log_norm, res.log_blank, res.log_emit, res.alphas, betas,
-        res.log_likelihood, grads)
+    if betas is None:
+        B, T, U1 = _device(residuals.alphas).shape
+        betas = cuda.device_array((B, T, U1), dtype=np.float64, stream=s)
+    lattice_backward(logit_lengths, target_lengths, residuals, betas, s)
+    gradient(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, fastemit_lambda, clamp,
+             grad_scale, residuals, betas, grads, s)
     if owns_memory:
         _synchronize(s)
