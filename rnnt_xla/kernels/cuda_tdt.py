@@ -17,9 +17,10 @@ Kernels (``W = V + D``: the ``V`` label scores, then the ``D`` duration scores):
    durations and prepares the label part (``cuda``'s ``row_gradient_terms``), every thread writes the label
    part (``write_row_gradient``, the RNNT writer) and the duration entries it owns.
 
-With ``label_head_only`` (NeMo's omega case) passes 2 and 3 are the RNNT kernels of :mod:`.cuda` on the
-label part's log-probabilities (the plain RNNT loss of ``logits[..., :V]``, no sigma) and the duration
-part's gradient is zero; the residuals have the same shapes either way.
+With ``label_head_only`` (NeMo's omega case) passes 2 and 3 are :mod:`.cuda`'s RNNT lattice passes
+(``lattice_forward``, ``lattice_backward``) on the label part's log-probabilities (the plain RNNT loss of
+``logits[..., :V]``, no sigma) and the duration part's gradient is zero; the residuals have the same shapes
+either way.
 """
 
 from __future__ import annotations
@@ -361,6 +362,11 @@ def _durations(durations: Any) -> Any:
     return _DURATIONS[key]
 
 
+def _rnnt_residuals(res: Residuals) -> _cuda.Residuals:
+    """The RNNT residuals among the TDT ones (same arrays), for ``cuda``'s lattice passes."""
+    return _cuda.Residuals(res.log_norm, res.log_blank, res.log_emit, res.alphas, res.log_likelihood)
+
+
 def forward(logits: Any, targets: Any, logit_lengths: Any, target_lengths: Any, blank: int, durations: Any,
             sigma: float, fastemit_lambda: float, label_head_only: bool, costs: Any, residuals: Residuals,
             stream: Any = None) -> None:
@@ -378,13 +384,10 @@ def forward(logits: Any, targets: Any, logit_lengths: Any, target_lengths: Any, 
     kernels.normalizers[B * T * U1, _threads(W - durations.shape[0], _MAX_ROW_THREADS), s](
         logits, targets, logit_lengths, target_lengths, blank, res.log_norm, res.log_blank, res.log_emit,
         res.log_durations)
-    lattice_threads = _threads(U1, _MAX_LATTICE_THREADS)
-    if label_head_only:
-        _cuda._kernels(logits.dtype).alphas_and_costs[B, lattice_threads, s](
-            res.log_blank, res.log_emit, logit_lengths, target_lengths, float(fastemit_lambda), res.alphas,
-            res.log_likelihood, costs)
+    if label_head_only:  # the RNNT lattice of the label part
+        _cuda.lattice_forward(logit_lengths, target_lengths, fastemit_lambda, _rnnt_residuals(res), costs, s)
         return
-    kernels.alphas_and_costs[B, lattice_threads, s](
+    kernels.alphas_and_costs[B, _threads(U1, _MAX_LATTICE_THREADS), s](
         res.log_blank, res.log_emit, res.log_durations, durations, logit_lengths, target_lengths, float(sigma),
         float(fastemit_lambda), res.alphas, res.log_likelihood, costs)
 
@@ -412,12 +415,10 @@ def backward(logits: Any, targets: Any, logit_lengths: Any, target_lengths: Any,
     else:
         grad_scale = _device(grad_scale)
     betas = cuda.device_array((B, T, U1), dtype=np.float64, stream=s) if betas is None else _device(betas)
-    lattice_threads = _threads(U1, _MAX_LATTICE_THREADS)
     if label_head_only:
-        _cuda._kernels(logits.dtype).betas[B, lattice_threads, s](
-            res.log_blank, res.log_emit, logit_lengths, target_lengths, betas)
+        _cuda.lattice_backward(logit_lengths, target_lengths, _rnnt_residuals(res), betas, s)
     else:
-        kernels.betas[B, lattice_threads, s](res.log_blank, res.log_emit, res.log_durations, durations,
+        kernels.betas[B, _threads(U1, _MAX_LATTICE_THREADS), s](res.log_blank, res.log_emit, res.log_durations, durations,
                                              logit_lengths, target_lengths, float(sigma), betas)
     kernels.gradients[B * T * U1, _threads(W - durations.shape[0], _MAX_ROW_THREADS), s](
         logits, targets, logit_lengths, target_lengths, blank, durations, float(sigma), float(fastemit_lambda),

@@ -256,20 +256,11 @@ def forward(logits: Any, targets: Any, logit_lengths: Any, target_lengths: Any, 
     logit_lengths, target_lengths, costs = map(_device, (logit_lengths, target_lengths, costs))
     res = Residuals(*map(_device, residuals))
     s = _stream(stream)
-    _normalise(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, res, s)
+    _cuda.normalise(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, res, s)
     B, T, U1 = res.alphas.shape
     _kernels(_device(logits).dtype).alphas_and_costs[B, _threads(U1, _MAX_LATTICE_THREADS), s](
         res.log_blank, res.log_emit, logit_lengths, target_lengths, float(fastemit_lambda), one_per_frame,
         context_blank, float(delay_penalty), res.alphas, res.log_likelihood, costs)
-
-
-def _normalise(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, res, s) -> None:
-    """Pass 1: ``cuda``'s ``log_normalizers`` kernel."""
-    logits, targets = _device(logits), _device(targets)
-    B, T, U1, V = logits.shape
-    _cuda._kernels(logits.dtype).log_normalizers[B * T * U1, _threads(V, _MAX_ROW_THREADS), s](
-        logits, targets, logit_lengths, target_lengths, blank, bool(fused_log_softmax), res.log_norm, res.log_blank,
-        res.log_emit)
 
 
 def backward(logits: Any, targets: Any, logit_lengths: Any, target_lengths: Any, blank: int,
