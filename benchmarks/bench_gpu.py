@@ -21,6 +21,13 @@ Before each implementation the free GPU memory is checked against an estimate of
 would not fit is skipped with a note. Correctness in the same run: every loss against rnnt_xla_torch's, and
 rnnt_xla's gradient against torchaudio's.
 
+The transducer family (``--family``, default all): TDT (``tdt_torch``: ``V + 5`` logits, durations
+``[0, 1, 2, 3, 4]``, sigma 0.05), multi-blank (``multiblank_torch``: big blanks ``[2, 4, 8]`` before the
+standard blank ``V - 1``), ``rnnt_type='modified'`` / ``'constrained'`` and ``delay_penalty=0.01``
+(``modified_torch``, ``constrained_torch``, ``delay_torch``), all through ``rnnt_xla.torch`` on the same inputs
+(TDT: with 5 duration columns appended), timed like the others; their ``x`` is the time over rnnt_xla_torch's
+(plain RNNT) and their losses, which differ from RNNT's by definition, are not compared.
+
 Output: a table on the terminal, ``benchmarks/results/gpu_<gpu-name>.json`` (results and environment) and
 the same tables as ``.md``. Without a GPU it prints one line saying so (with ``python -m rnnt_xla doctor``'s
 verdict) and exits with status 0 (1 when a GPU is there but the driver fails to initialise).
@@ -67,6 +74,16 @@ MODES = ("fwd_bwd", "fwd")
 # (backward: the softmax is not kept) and write a gradient of the same size; forward only reads them once.
 LOGITS_PASSES = {"fwd_bwd": 3, "fwd": 1}
 JAX_IMPLS = ("rnnt_xla_jax", "plain_jax")
+# The family losses through rnnt_xla.torch on CUDA: name -> (loss, keyword arguments); see the module docstring.
+TDT_DURATIONS = [0, 1, 2, 3, 4]
+BIG_BLANK_DURATIONS = [2, 4, 8]
+FAMILY: dict[str, tuple[str, dict]] = {
+    "tdt_torch": ("tdt", {"durations": TDT_DURATIONS, "sigma": 0.05}),
+    "multiblank_torch": ("multiblank", {"big_blank_durations": BIG_BLANK_DURATIONS, "blank": -1}),
+    "modified_torch": ("rnnt", {"rnnt_type": "modified"}),
+    "constrained_torch": ("rnnt", {"rnnt_type": "constrained"}),
+    "delay_torch": ("rnnt", {"delay_penalty": 0.01}),
+}
 
 # GPU memory one fwd+bwd needs beyond its inputs, as (multiple of the logits size, bytes per lattice cell
 # (b, t, u)). From the CPU suite's peak-RSS measurements (benchmarks/README.md), rounded up: rnnt_xla keeps
@@ -80,6 +97,13 @@ MEMORY_NEED: dict[str, tuple[float, int]] = {
     "plain_torch": (4.0, 64),
     "plain_jax": (4.5, 64),
     "warprnnt_numba": (4.0, 64),
+    # the family: the gradient plus their residuals (TDT: 8 B per duration and cell more; multi-blank: per big
+    # blank); the TDT logits are a copy with 5 more columns, counted as one more logits
+    "tdt_torch": (2.1, 64 + 8 * len(TDT_DURATIONS)),
+    "multiblank_torch": (1.0, 64 + 8 * len(BIG_BLANK_DURATIONS)),
+    "modified_torch": (1.0, 64),
+    "constrained_torch": (1.0, 64),
+    "delay_torch": (1.0, 64),
 }
 MEMORY_MARGIN = 1.1  # allocator rounding and fragmentation
 MEMORY_RESERVE = 512 * 2**20  # cuBLAS/cuDNN workspaces, JIT-loaded modules
@@ -184,7 +208,7 @@ def summarise(results: list[Result], peak_bytes_per_s: float | None) -> None:
     ref = {tuple(r.shape): r for r in results if r.impl == REFERENCE}
     for r in results:
         base = ref.get(tuple(r.shape))
-        if base is None:
+        if base is None or r.impl in FAMILY:  # another loss: nothing to compare with
             continue
         diffs = [d for d in (relative_difference(getattr(r, m).loss, base.fwd_bwd.loss) for m in MODES)
                  if d is not None]
@@ -540,6 +564,46 @@ def run_shapes(shapes: list[Shape], impls: dict[str, Impl], args: argparse.Names
     return results, gradient_checks
 
 
+def family_impl(name: str) -> Impl:
+    """A family loss of :data:`FAMILY` through ``rnnt_xla.torch`` on CUDA, timed as ``implementations``' torch
+    ones (fwd_bwd: loss and ``backward()`` on a fresh gradient; fwd: under ``no_grad``)."""
+    import torch
+
+    from implementations import _check_torch_device, torch_arrays
+    from rnnt_xla import torch as rt
+
+    _check_torch_device("cuda")
+    kind, options = FAMILY[name]
+    fn = {"tdt": rt.tdt_loss, "multiblank": rt.multiblank_rnnt_loss, "rnnt": rt.rnnt_loss}[kind]
+    options = {"blank": BLANK, **options, "reduction": "mean"}
+
+    def prepare(inputs: Inputs) -> Prepared:
+        shared, *rest = torch_arrays(inputs, "cuda")
+        if kind == "tdt":  # the label scores, then one column per duration (made on the device, seeded)
+            generator = torch.Generator(device=shared.device).manual_seed(1)
+            extra = torch.randn((*shared.shape[:3], len(TDT_DURATIONS)), generator=generator, device=shared.device)
+            shared = torch.cat([shared, extra.to(shared.dtype)], dim=-1)
+        logits = shared.detach().requires_grad_()
+
+        def fwd_bwd() -> float:
+            logits.grad = None
+            loss = fn(logits, *rest, **options)
+            loss.backward()
+            return float(loss.detach())
+
+        def fwd() -> float:
+            with torch.no_grad():
+                return float(fn(shared, *rest, **options))
+
+        def release() -> None:
+            logits.grad = None
+
+        return Prepared(fwd_bwd, fwd, release=release, gradient=lambda: logits.grad)
+
+    return Impl(name, prepare, f"rnnt_xla.torch.{fn.__name__}({', '.join(f'{k}={v}' for k, v in options.items())}) "
+                               "(numba.cuda kernels)")
+
+
 # --- main -----------------------------------------------------------------------------------------------
 
 
@@ -549,6 +613,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         metavar="B,T,U,V", help="logits are (B, T, U+1, V); default: " + " ".join(DEFAULT_SHAPES))
     parser.add_argument("--impls", nargs="+", choices=ORDER, default=ORDER, metavar="NAME",
                         help=f"implementations to run (default: all of {', '.join(ORDER)})")
+    parser.add_argument("--family", nargs="*", choices=list(FAMILY), default=list(FAMILY), metavar="NAME",
+                        help=f"family losses to time too (default: all of {', '.join(FAMILY)}; none: --family)")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per shape and mode (default: 10)")
     parser.add_argument("--warmup", type=int, default=3,
                         help="untimed calls before them, the first of which compiles (default: 3)")
@@ -587,6 +653,11 @@ def main(argv: list[str] | None = None) -> int:
     with console.status("importing the implementations"):
         # (threads: the seed resets Numba's CPU thread count after each call; give it the usable cores back)
         impls = load(args.impls, len(os.sched_getaffinity(0)), note, device="cuda")
+        for name in args.family:
+            try:
+                impls[name] = family_impl(name)
+            except Exception as exc:  # torch without CUDA: already noted for rnnt_xla_torch
+                note(f"skipping {name}: {_one_line(exc)}")
     if not impls:
         console.print("[red]no implementation can run on the GPU (see the notes above)")
         return 1

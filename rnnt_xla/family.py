@@ -5,11 +5,12 @@ what differs between the losses is a :class:`LossSpec` (static, hashable options
 dispatches to:
 
 - ``kind="rnnt"``: ``rnnt_xla.kernels.cpu`` (``rnnt_type`` "regular" | "modified" | "constrained" and
-  ``delay_penalty``, after k2), on CUDA ``rnnt_xla.kernels.cuda`` (regular, no delay penalty, for now);
+  ``delay_penalty``, after k2), on CUDA ``rnnt_xla.kernels.cuda`` (regular lattice) and
+  ``rnnt_xla.kernels.cuda_variants`` (the variants);
 - ``kind="tdt"``: ``rnnt_xla.kernels.cpu_tdt`` (Token-and-Duration Transducer: ``durations``, ``sigma``,
-  ``omega``); logits ``(B, T, U+1, V + len(durations))``;
+  ``omega``), on CUDA ``cuda_tdt``; logits ``(B, T, U+1, V + len(durations))``;
 - ``kind="multiblank"``: ``rnnt_xla.kernels.cpu_multiblank`` (``durations`` are the big blanks'
-  durations, ``sigma``).
+  durations, ``sigma``), on CUDA ``cuda_multiblank``.
 
 Every kernel module has the same entry points, numpy in, numpy out, caller-allocated
 (``residual_shapes``, ``forward``, ``backward``; see each module). Residuals are a tuple of arrays whose
@@ -202,33 +203,93 @@ def backward(spec: LossSpec, logits: np.ndarray, targets: np.ndarray, logit_leng
                             grads[rows])
 
 
-def _cuda_supported(spec: LossSpec) -> None:
-    if spec.kind != "rnnt":
-        raise NotImplementedError(f"rnnt_xla: the {spec.kind} loss has no CUDA kernels yet; compute it on the CPU "
-                                  "(move the inputs with .cpu() / jax.device_put to a CPU device)")
-    if not spec.plain_rnnt:
-        raise NotImplementedError(f"rnnt_xla: rnnt_type={spec.rnnt_type!r} / delay_penalty={spec.delay_penalty} "
-                                  "have no CUDA kernels yet; compute the loss on the CPU")
+_CUDA_MODULES = {"rnnt": "rnnt_xla.kernels.cuda", "tdt": "rnnt_xla.kernels.cuda_tdt",
+                 "multiblank": "rnnt_xla.kernels.cuda_multiblank", "variant": "rnnt_xla.kernels.cuda_variants"}
+
+
+def _cuda_module(spec: LossSpec) -> ModuleType:
+    """The CUDA kernel module of ``spec``'s loss (RNNT variants: ``cuda_variants``, the regular lattice keeps
+    ``cuda``'s kernels); NotImplementedError naming the module when this build lacks it."""
+    key = "variant" if spec.kind == "rnnt" and not spec.plain_rnnt else spec.kind
+    try:
+        return importlib.import_module(_CUDA_MODULES[key])
+    except ModuleNotFoundError as error:
+        if error.name != _CUDA_MODULES[key]:
+            raise
+        raise NotImplementedError(f"rnnt_xla: the {spec.kind} loss's CUDA kernels ({_CUDA_MODULES[key]}) are not "
+                                  "part of this build; compute it on the CPU") from error
+
+
+def _batch(array: Any) -> int:
+    """The batch size of a device array."""
+    from .kernels import cuda
+
+    return cuda._device(array).shape[0]
+
+
+def _device_rows(arrays: Sequence[Any], rows: slice) -> list[Any]:
+    """Zero-copy views of the ``rows`` of device arrays (C-contiguous along the batch axis)."""
+    from .kernels import cuda
+
+    return [cuda._device(a)[rows] for a in arrays]
 
 
 def cuda_forward(spec: LossSpec, logits: Any, targets: Any, logit_lengths: Any, target_lengths: Any, costs: Any,
                  residuals: Sequence[Any], stream: Any = None, label_head_only: Any = False) -> None:
-    """:func:`forward` on one GPU (``rnnt_xla.kernels.cuda``; device arrays, asynchronous on ``stream``)."""
-    _cuda_supported(spec)
-    from .kernels import cuda
-
-    cuda.forward(logits, targets, logit_lengths, target_lengths, spec.blank, spec.fused_log_softmax,
-                 spec.fastemit_lambda, costs, cpu.Residuals(*residuals), stream=stream)
+    """:func:`forward` on one GPU (``rnnt_xla.kernels.cuda``, ``cuda_variants``, ``cuda_tdt``,
+    ``cuda_multiblank``; device arrays, asynchronous on ``stream``)."""
+    module = _cuda_module(spec)
+    if spec.kind == "rnnt":
+        module.forward(logits, targets, logit_lengths, target_lengths, spec.blank, spec.fused_log_softmax,
+                       spec.fastemit_lambda, costs, cpu.Residuals(*residuals), stream=stream,
+                       **_rnnt_variant_options(spec, module.forward))
+        return
+    if spec.kind == "multiblank":
+        module.forward(logits, targets, logit_lengths, target_lengths, spec.blank, spec.durations, spec.sigma,
+                       spec.fastemit_lambda, costs, module.Residuals(*residuals), stream=stream)
+        return
+    runs = _runs(label_head_only, _batch(logits))
+    for rows, head_only in runs:
+        whole = len(runs) == 1
+        x, y, xl, yl, c, *res = (logits, targets, logit_lengths, target_lengths, costs, *residuals) if whole else \
+            _device_rows([logits, targets, logit_lengths, target_lengths, costs, *residuals], rows)
+        module.forward(x, y, xl, yl, spec.blank, spec.durations, spec.sigma, spec.fastemit_lambda, head_only, c,
+                       module.Residuals(*res), stream=stream)
 
 
 def cuda_backward(spec: LossSpec, logits: Any, targets: Any, logit_lengths: Any, target_lengths: Any,
                   grad_scale: Any, residuals: Sequence[Any], grads: Any, stream: Any = None, betas: Any = None,
                   label_head_only: Any = False) -> None:
-    """:func:`backward` on one GPU (``rnnt_xla.kernels.cuda.backward``: ``grad_scale`` may be a host array;
-    ``betas`` an optional caller-allocated ``(B, T, U+1)`` float64 device array)."""
-    _cuda_supported(spec)
-    from .kernels import cuda
+    """:func:`backward` on one GPU (the modules of :func:`cuda_forward`; ``grad_scale``
+    may be a host array; ``betas`` an optional caller-allocated ``(B, T, U+1)`` float64 device array)."""
+    module = _cuda_module(spec)
+    if spec.kind == "rnnt":
+        module.backward(logits, targets, logit_lengths, target_lengths, spec.blank, spec.fused_log_softmax,
+                        spec.fastemit_lambda, spec.clamp, grad_scale, cpu.Residuals(*residuals), grads,
+                        stream=stream, betas=betas, **_rnnt_variant_options(spec, module.backward))
+        return
+    if spec.kind == "multiblank":
+        module.backward(logits, targets, logit_lengths, target_lengths, spec.blank, spec.durations, spec.sigma,
+                        spec.fastemit_lambda, spec.clamp, grad_scale, module.Residuals(*residuals), grads,
+                        stream=stream, betas=betas)
+        return
+    runs = _runs(label_head_only, _batch(logits))
+    copied_scale = len(runs) > 1 and isinstance(grad_scale, np.ndarray)
+    if copied_scale:  # once for all runs; waited for below (the runs see a device array)
+        from .kernels import cuda
 
-    cuda.backward(logits, targets, logit_lengths, target_lengths, spec.blank, spec.fused_log_softmax,
-                  spec.fastemit_lambda, spec.clamp, grad_scale, cpu.Residuals(*residuals), grads, stream=stream,
-                  betas=betas)
+        grad_scale = cuda.cuda.to_device(np.ascontiguousarray(grad_scale, dtype=np.float64),
+                                         stream=cuda._stream(stream))
+    for rows, head_only in runs:
+        whole = len(runs) == 1
+        arrays = (logits, targets, logit_lengths, target_lengths, grad_scale, grads, *residuals)
+        if betas is not None:
+            arrays += (betas,)
+        if not whole:
+            arrays = _device_rows(arrays, rows)
+        x, y, xl, yl, scale, g, *res = arrays
+        workspace = res.pop() if betas is not None else None
+        module.backward(x, y, xl, yl, spec.blank, spec.durations, spec.sigma, spec.fastemit_lambda, spec.clamp,
+                        head_only, scale, module.Residuals(*res), g, stream=stream, betas=workspace)
+    if copied_scale and betas is not None:  # without betas every run synchronised itself
+        cuda._synchronize(cuda._stream(stream))

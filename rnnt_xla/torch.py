@@ -647,7 +647,7 @@ def rnnt_loss(
 
     Raises:
         TypeError, ValueError: on any invalid argument, naming it, before any computation.
-        NotImplementedError: a variant (``rnnt_type != "regular"`` or ``delay_penalty != 0``) on CUDA, or
+        NotImplementedError: a variant (``rnnt_type != "regular"`` or ``delay_penalty != 0``) in a build
             without the variant kernels.
     """
     if torch.jit.is_scripting():  # TorchScript compiles only this branch: the operator runs all the checks
@@ -689,7 +689,7 @@ def tdt_loss(
             from torch's default generator, so ``torch.manual_seed`` reproduces it.
         clamp, reduction, fastemit_lambda: as :func:`rnnt_loss`.
 
-    Returns / Raises: as :func:`rnnt_loss` (``NotImplementedError`` on CUDA for now).
+    Returns / Raises: as :func:`rnnt_loss`.
     """
     if torch.jit.is_scripting():
         return _scripted_loss(logits, targets, logit_lengths, target_lengths, blank, clamp, reduction, True,
@@ -721,7 +721,7 @@ def multiblank_rnnt_loss(
         sigma: logit under-normalisation ``>= 0`` (NeMo recommends 0.05).
         clamp, reduction, fastemit_lambda: as :func:`rnnt_loss`.
 
-    Returns / Raises: as :func:`rnnt_loss` (``NotImplementedError`` on CUDA for now).
+    Returns / Raises: as :func:`rnnt_loss`.
     """
     if torch.jit.is_scripting():
         return _scripted_loss(logits, targets, logit_lengths, target_lengths, blank, clamp, reduction, True,

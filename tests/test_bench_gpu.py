@@ -5,6 +5,7 @@ With a GPU, one small real run (skipped otherwise)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -70,12 +71,15 @@ def test_arguments(bench):
     assert args.shapes == [(4, 100, 30, 128), (8, 200, 50, 256), (16, 150, 40, 1024), (32, 500, 100, 1024)]
     assert (args.repeats, args.warmup, args.dtype, args.out) == (10, 3, "float32", None)
     assert "torchaudio" in args.impls and "rnnt_xla_jax" in args.impls
+    assert args.family == ["tdt_torch", "multiblank_torch", "modified_torch", "constrained_torch", "delay_torch"]
+    assert bench.parse_args(["--family"]).family == []
+    assert bench.parse_args(["--family", "tdt_torch", "delay_torch"]).family == ["tdt_torch", "delay_torch"]
     args = bench.parse_args(["--shapes", "2,20,5,16", "16,150,40,1024", "--impls", "rnnt_xla_torch", "torchaudio",
                              "--dtype", "bfloat16", "--repeats", "3"])
     assert args.shapes == [(2, 20, 5, 16), (16, 150, 40, 1024)]
     assert (args.impls, args.dtype, args.repeats) == (["rnnt_xla_torch", "torchaudio"], "bfloat16", 3)
     for bad in (["--shapes", "2,20,5"], ["--shapes", "2,20,5,1"], ["--impls", "cudnn"], ["--repeats", "0"],
-                ["--dtype", "int8"]):
+                ["--dtype", "int8"], ["--family", "ctc"]):
         with pytest.raises(SystemExit) as exit_info:
             bench.parse_args(bad)
         assert exit_info.value.code == 2, bad
@@ -160,6 +164,53 @@ def test_summary_ratios_bandwidth_and_loss_agreement(bench):
     assert plain["fwd"]["ratio"] is None and skipped["fwd_bwd"]["ratio"] is None
     assert plain["loss_rel_diff"] == pytest.approx(2e-4) and jax["loss_rel_diff"] == pytest.approx(1e-8)
     assert ours["loss_rel_diff"] == 0.0
+
+
+def test_family_losses_are_timed_against_rnnt_but_their_losses_not_compared(bench):
+    shape = (16, 150, 40, 1024)
+    T = bench.Timing
+    ours = bench.Result(shape, "rnnt_xla_torch", LOGITS_16_150_40_1024, fwd_bwd=T(times_s=[2e-3], loss=100.0),
+                        fwd=T(times_s=[1e-3], loss=100.0))
+    tdt = bench.Result(shape, "tdt_torch", LOGITS_16_150_40_1024, fwd_bwd=T(times_s=[3e-3], loss=80.0),
+                       fwd=T(times_s=[1.5e-3], loss=80.0))
+    bench.summarise([ours, tdt], None)
+    assert tdt.fwd_bwd.ratio == pytest.approx(1.5) and tdt.fwd.ratio == pytest.approx(1.5)
+    assert tdt.loss_rel_diff is None  # another loss: not "LOSS DISAGREES"
+    # TDT's inputs are a copy of the logits with 5 more columns and its residuals 40 B more per cell
+    cells = 16 * 150 * 41
+    assert bench.memory_needed("tdt_torch", shape, 4, True) == int(
+        (2.1 * LOGITS_16_150_40_1024 + 104 * cells) * 1.1) + 536_870_912
+
+
+def test_family_implementations_need_torch_cuda(bench):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is there")
+    with pytest.raises(RuntimeError, match="sees no CUDA device"):
+        bench.family_impl("tdt_torch")
+
+
+@pytest.mark.parametrize("name", ["tdt_torch", "multiblank_torch", "modified_torch", "constrained_torch",
+                                  "delay_torch"])
+def test_family_implementations_run_their_loss(bench, monkeypatch, name):
+    """Without a GPU: the prepared calls on CPU tensors (torch_arrays' device and the CUDA check stubbed)."""
+    torch = pytest.importorskip("torch")
+    import implementations
+
+    monkeypatch.setattr(implementations, "_check_torch_device", lambda device: None)
+    cpu_arrays = implementations.torch_arrays
+    monkeypatch.setattr(implementations, "torch_arrays", lambda inputs, device: cpu_arrays(inputs, "cpu"))
+    inputs = implementations.make_inputs((2, 8, 3, 12))
+    prepared = bench.family_impl(name).prepare(inputs)
+    loss = prepared.fwd_bwd()
+    assert math.isfinite(loss) and loss > 0 and prepared.fwd() == pytest.approx(loss, rel=1e-6)
+    width = 12 + 5 if name == "tdt_torch" else 12
+    assert prepared.gradient().shape == (2, 8, 4, width) and torch.count_nonzero(prepared.gradient()) > 0
+    if name != "tdt_torch":  # the same inputs as the RNNT implementations, another loss
+        from rnnt_xla.torch import rnnt_loss
+
+        plain = rnnt_loss(*cpu_arrays(inputs, "cpu"), blank=implementations.BLANK, reduction="mean")
+        assert abs(float(plain) - loss) > 1e-6
 
 
 def _markdown_rows(text: str) -> list[list[str]]:

@@ -214,10 +214,11 @@ def test_variants_without_variant_kernels_raise_not_implemented(monkeypatch):
         rnnt_loss(*(torch.from_numpy(v) for v in inputs(6).values()), blank=0, rnnt_type="modified")
 
 
-def test_new_kinds_and_variants_on_cuda_raise_not_implemented():
-    for spec, fragment in ((family.LossSpec(kind="tdt", durations=(0, 1)), "tdt loss has no CUDA kernels"),
-                           (family.LossSpec(kind="multiblank", durations=(2,)), "multiblank loss has no CUDA"),
-                           (family.LossSpec(delay_penalty=0.5), "delay_penalty=0.5 have no CUDA kernels")):
+def test_a_build_without_a_losss_cuda_kernels_raises_not_implemented(monkeypatch):
+    monkeypatch.setitem(family._CUDA_MODULES, "tdt", "rnnt_xla.kernels.no_such_module")
+    monkeypatch.setitem(family._CUDA_MODULES, "variant", "rnnt_xla.kernels.no_such_module")
+    for spec, fragment in ((family.LossSpec(kind="tdt", durations=(0, 1)), "tdt loss's CUDA kernels"),
+                           (family.LossSpec(delay_penalty=0.5), "rnnt loss's CUDA kernels")):
         with pytest.raises(NotImplementedError, match=fragment):
             family.cuda_forward(spec, *[None] * 6)
         with pytest.raises(NotImplementedError, match=fragment):

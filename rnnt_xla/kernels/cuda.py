@@ -177,17 +177,26 @@ def _bfloat16_store_simulated(value):
     return np.array([0x7FC0 if x != x else rounded & 0xFFFF], np.uint16).view(np.int16)[0]
 
 
-def _python_kernels(dtype: np.dtype) -> _Kernels:
-    """The kernels of one logits dtype as plain Python functions (for ``cuda.jit`` or ``compile_ptx``).
+class DeviceFunctions(NamedTuple):
+    """The device helpers of one logits dtype (:func:`device_functions`), shared with the other losses'
+    CUDA kernels (``cuda_tdt``): ``float_t`` is the compute dtype's scalar type."""
 
-    ``dtype`` is how the kernels see the logits and the gradient (:func:`kernel_dtype`): float32, float64,
-    float16, or int16 holding bfloat16 bits. They are closures over ``float_t``, the compute dtype (float64
-    for float64, else float32: it types the shared reduction array, the log-normalisers and the costs),
-    and over ``load``/``store``, which convert single elements to and from it; they use the module
-    global ``cuda``. The device helpers are inlined in Numba IR (``inline="always"``): a separately
-    compiled device function would be compiled for the current GPU, which breaks ``compile_ptx`` on
-    machines without one.
-    """
+    float_t: type
+    load: Any
+    store: Any
+    block_max: Any
+    block_sum: Any
+    log_add: Any
+    row_max: Any
+    row_sum_of_exp: Any
+    row_gradient_terms: Any
+    write_row_gradient: Any
+
+
+@functools.cache
+def device_functions(dtype: np.dtype) -> DeviceFunctions:
+    """The device helpers of the kernels of one logits dtype (see :func:`_python_kernels`), as
+    ``cuda.jit(device=True, inline="always")`` functions for other kernels to call."""
     _numba_cuda()
     storage = np.dtype(dtype)
     float_t = np.dtype(compute_dtype(storage)).type
@@ -252,6 +261,81 @@ def _python_kernels(dtype: np.dtype) -> _Kernels:
         for v in range(cuda.threadIdx.x, row.shape[0], cuda.blockDim.x):
             s += math.exp(load(row[v]) - shift)
         return block_sum(s, scratch)
+
+    @cuda.jit(device=True, inline="always")
+    def row_gradient_terms(row, blank, label, has_label, fused_log_softmax, shift, lb, le, p_blank, emit,
+                           terms):
+        """Thread 0's part of a row's gradient (float64 exponentials are slow on most GPUs, so one thread
+        computes them once): from the posteriors ``p_blank`` and ``emit`` (the label's, FastEmit-weighted) of
+        the row's blank and label transitions and the lattice's log-probabilities ``lb``/``le`` of its blank
+        and label, into the shared ``terms: (4,)`` float64: the blank and label entries, the softmax weight
+        occupancy / sum and whether that sum could be recovered from ``lb`` (``cpu._PIVOT_LIMIT``)."""
+        recovered = 1.0
+        if fused_log_softmax:
+            occupancy = p_blank + emit
+            # from the lattice's log-probabilities, exponentiated in the compute dtype (as on the CPU)
+            g_blank = math.exp(float_t(lb)) * occupancy - p_blank
+            g_label = math.exp(float_t(le)) * occupancy - emit if has_label else 0.0
+            if abs(lb) <= _PIVOT_LIMIT:  # 1 / sum = exp(-log_sum), log_sum = (x_blank - shift) - log_blank
+                terms[2] = occupancy * math.exp(lb - (np.float64(load(row[blank])) - np.float64(shift)))
+            else:
+                terms[2] = occupancy  # divided by the recomputed sum in write_row_gradient
+                recovered = 0.0
+        else:
+            g_blank = -p_blank
+            g_label = -emit
+            terms[2] = 0.0
+        if has_label and label == blank:  # a label equal to blank: both transitions use the entry
+            g_blank -= emit
+        terms[0] = g_blank
+        terms[1] = g_label
+        terms[3] = recovered
+
+    @cuda.jit(device=True, inline="always")
+    def write_row_gradient(row, g, blank, label, has_label, fused_log_softmax, shift, clamp, scale, terms,
+                           scratch):
+        """Every thread's part (after a ``syncthreads``): the row's gradient entries from ``terms``
+        (:func:`row_gradient_terms`), clamped and scaled, one write per entry (threads strided over ``V``)."""
+        weight = terms[2]
+        if terms[3] == 0.0:  # the same for the whole block: a masked or absurdly unlikely blank
+            shift = row_max(row, scratch)
+            weight /= np.float64(row_sum_of_exp(row, shift, scratch))
+        limit = clamp if clamp > 0 else math.inf
+        blank_value = store(float_t(min(max(terms[0], -limit), limit) * scale))
+        label_value = store(float_t(min(max(terms[1], -limit), limit) * scale))
+        label_entry = label if has_label and label != blank else -1
+        occ = float_t(weight)
+        lim = float_t(limit)
+        sc = float_t(scale)
+        for v in range(cuda.threadIdx.x, row.shape[0], cuda.blockDim.x):
+            if v == blank:
+                g[v] = blank_value
+            elif v == label_entry:
+                g[v] = label_value
+            elif fused_log_softmax:
+                x = math.exp(load(row[v]) - shift) * occ
+                g[v] = store(min(max(x, -lim), lim) * sc)
+            else:
+                g[v] = store(float_t(0))
+
+    return DeviceFunctions(float_t, load, store, block_max, block_sum, log_add, row_max, row_sum_of_exp,
+                           row_gradient_terms, write_row_gradient)
+
+
+def _python_kernels(dtype: np.dtype) -> _Kernels:
+    """The kernels of one logits dtype as plain Python functions (for ``cuda.jit`` or ``compile_ptx``).
+
+    ``dtype`` is how the kernels see the logits and the gradient (:func:`kernel_dtype`): float32, float64,
+    float16, or int16 holding bfloat16 bits. They are closures over ``float_t``, the compute dtype (float64
+    for float64, else float32: it types the shared reduction array, the log-normalisers and the costs),
+    and over ``load``/``store``, which convert single elements to and from it; they use the module
+    global ``cuda``. The device helpers (:func:`device_functions`) are inlined in Numba IR
+    (``inline="always"``): a separately compiled device function would be compiled for the current GPU,
+    which breaks ``compile_ptx`` on machines without one.
+    """
+    (float_t, load, store, block_max, block_sum, log_add, row_max, row_sum_of_exp, row_gradient_terms,
+     write_row_gradient) = device_functions(np.dtype(dtype))
+    neg_inf = -math.inf
 
     def log_normalizers(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax,
                         log_norm, log_blank, log_emit):
@@ -371,49 +455,11 @@ def _python_kernels(dtype: np.dtype) -> _Kernels:
             emit = 0.0  # FastEmit-weighted
             if u < U_b:
                 emit = (1.0 + fastemit_lambda) * math.exp(alpha + log_emit[b, t, u] + betas[b, t, u + 1] - ll)
-            recovered = 1.0
-            if fused_log_softmax:
-                occupancy = p_blank + emit
-                # from the lattice's log-probabilities, exponentiated in the compute dtype (as on the CPU)
-                g_blank = math.exp(float_t(lb)) * occupancy - p_blank
-                g_label = math.exp(float_t(log_emit[b, t, u])) * occupancy - emit if u < U_b else 0.0
-                if abs(lb) <= _PIVOT_LIMIT:  # 1 / sum = exp(-log_sum), log_sum = (x_blank - shift) - log_blank
-                    terms[2] = occupancy * math.exp(lb - (np.float64(load(row[blank])) - np.float64(shift)))
-                else:
-                    terms[2] = occupancy  # divided by the recomputed sum below
-                    recovered = 0.0
-            else:
-                g_blank = -p_blank
-                g_label = -emit
-                terms[2] = 0.0
-            if u < U_b and label == blank:  # a label equal to blank: both transitions use the entry
-                g_blank -= emit
-            terms[0] = g_blank
-            terms[1] = g_label
-            terms[3] = recovered
+            row_gradient_terms(row, blank, label, u < U_b, fused_log_softmax, shift, lb, log_emit[b, t, u],
+                               p_blank, emit, terms)
         cuda.syncthreads()  # the block leaves above as a whole or not at all
-        weight = terms[2]
-        if terms[3] == 0.0:  # the same for the whole block: a masked or absurdly unlikely blank
-            shift = row_max(row, scratch)
-            weight /= np.float64(row_sum_of_exp(row, shift, scratch))
-        limit = clamp if clamp > 0 else math.inf
-        scale = grad_scale[b]
-        blank_value = store(float_t(min(max(terms[0], -limit), limit) * scale))
-        label_value = store(float_t(min(max(terms[1], -limit), limit) * scale))
-        label_entry = label if u < U_b and label != blank else -1
-        occ = float_t(weight)
-        lim = float_t(limit)
-        sc = float_t(scale)
-        for v in range(tid, V, threads):
-            if v == blank:
-                g[v] = blank_value
-            elif v == label_entry:
-                g[v] = label_value
-            elif fused_log_softmax:
-                x = math.exp(load(row[v]) - shift) * occ
-                g[v] = store(min(max(x, -lim), lim) * sc)
-            else:
-                g[v] = store(float_t(0))
+        write_row_gradient(row, g, blank, label, u < U_b, fused_log_softmax, shift, clamp, grad_scale[b], terms,
+                           scratch)
 
     return _Kernels(log_normalizers, alphas_and_costs, betas, gradients)
 
