@@ -449,7 +449,7 @@ def tdt_loss(
             scores when ``jax.random.uniform(key) < omega`` (traced; under ``vmap`` with a batched key,
             per example).{batch_axis}
 
-    Returns / Raises: as :func:`rnnt_loss` (``NotImplementedError`` on a GPU for now).
+    Returns / Raises: as :func:`rnnt_loss`.
     """
     return _family_loss((logits, targets, logit_lengths, target_lengths), batch_axis, reduction, key=key,
                         kind="tdt", blank=blank, clamp=clamp, fused_log_softmax=True, fastemit_lambda=fastemit_lambda,
@@ -479,7 +479,7 @@ def multiblank_rnnt_loss(
         big_blank_durations, blank, sigma, clamp, reduction, fastemit_lambda: static Python values, as in
             torch.{batch_axis}
 
-    Returns / Raises: as :func:`rnnt_loss` (``NotImplementedError`` on a GPU for now).
+    Returns / Raises: as :func:`rnnt_loss`.
     """
     return _family_loss((logits, targets, logit_lengths, target_lengths), batch_axis, reduction,
                         kind="multiblank", blank=blank, clamp=clamp, fused_log_softmax=True,

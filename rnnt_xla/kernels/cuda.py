@@ -467,11 +467,18 @@ def _python_kernels(dtype: np.dtype) -> _Kernels:
 @functools.cache
 def _kernels(dtype: np.dtype) -> _Kernels:
     """The kernels of one logits dtype as lazily compiling ``cuda.jit`` dispatchers (cached)."""
+    return jit_kernels(_python_kernels, dtype)
+
+
+def jit_kernels(python_kernels, dtype: np.dtype):
+    """``python_kernels(dtype)`` (a NamedTuple of kernel functions for one logits dtype) as lazily compiling
+    ``cuda.jit`` dispatchers, after checking the dtype; every loss's CUDA module caches its own."""
     if np.dtype(dtype) not in KERNEL_DTYPES.values():
         raise TypeError(f"the CUDA kernels take float32, float64, float16 or int16 (bfloat16 bits) arrays, "
                         f"got {np.dtype(dtype)}")
-    _numba_cuda()
-    return _Kernels(*(cuda.jit(f) for f in _python_kernels(np.dtype(dtype))))
+    jit = _numba_cuda().jit
+    kernels = python_kernels(np.dtype(dtype))
+    return type(kernels)(*(jit(f) for f in kernels))
 
 
 def kernel_signatures(dtype: np.dtype, index_dtype: np.dtype) -> _Kernels:

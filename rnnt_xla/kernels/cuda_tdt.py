@@ -305,11 +305,8 @@ def _python_kernels(dtype: np.dtype) -> _Kernels:
 @functools.cache
 def _kernels(dtype: np.dtype) -> _Kernels:
     """The TDT kernels of one logits dtype as lazily compiling ``cuda.jit`` dispatchers (cached)."""
-    if np.dtype(dtype) not in _cuda.KERNEL_DTYPES.values():
-        raise TypeError(f"the CUDA kernels take float32, float64, float16 or int16 (bfloat16 bits) arrays, "
-                        f"got {np.dtype(dtype)}")
-    _numba_cuda()
-    return _Kernels(*(cuda.jit(f) for f in _python_kernels(np.dtype(dtype))))
+    _numba_cuda()  # binds this module's ``cuda``, which the kernel functions read
+    return _cuda.jit_kernels(_python_kernels, dtype)
 
 
 def kernel_signatures(dtype: np.dtype, index_dtype: np.dtype) -> _Kernels:
