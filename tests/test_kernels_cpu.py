@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ import pytest
 
 from conftest import Problem, random_problem
 from rnnt_xla.kernels import cpu
-from rnnt_xla.kernels.fast_math import fast_exp
+from rnnt_xla.kernels.fast_math import fast_exp, fast_exp64
 from rnnt_xla.reference import log_softmax, rnnt_loss_reference
 
 
@@ -141,6 +142,32 @@ def test_fast_exp_accuracy_and_special_values(dtype):
     assert rel.max() < 3 * np.finfo(dtype).eps
     assert out[-5] == 0 and out[-4] == 0 and out[-2] == 1
     assert np.isnan(out[-1])
+
+
+@numba.njit
+def _exp64_all(x, out):
+    for i in range(x.shape[0]):  # a loop LLVM vectorises, and its scalar remainder
+        out[i] = fast_exp64(x[i])
+
+
+def test_fast_exp64_is_math_exp_within_one_ulp_on_its_whole_range():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([np.linspace(-745.2, 709.782712893384, 400_001), rng.uniform(-40, 5, 100_000),
+                        rng.uniform(-1e-3, 1e-3, 1000), [0.0, -0.0, 709.782712893384, -708.4, -745.13]])
+    out = np.empty_like(x)
+    _exp64_all(x, out)
+    exact = np.array([math.exp(v) for v in x])
+    normal = exact >= np.finfo(np.float64).tiny
+    assert np.all(np.abs(out - exact)[normal] <= np.spacing(exact[normal]))
+    assert np.all(np.abs(out - exact)[~normal] <= 5e-324)  # subnormal results: rounded once
+    assert out[-4] == 1 and out[-5] == 1 and np.isfinite(out[-3])
+    special = np.array([-np.inf, -1e4, -745.3, 709.79, 1e4, np.inf, np.nan])
+    out = np.empty_like(special)
+    _exp64_all(special, out)
+    assert np.array_equal(out, [0, 0, 0, np.inf, np.inf, np.inf, np.nan], equal_nan=True)
+    out32 = np.empty(3)
+    _exp64_all(np.array([-1.5, 0.0, 20.0], np.float32), out32)  # float32 arguments are widened first
+    assert np.all(np.abs(out32 - np.exp([-1.5, 0.0, 20.0])) <= np.spacing(np.exp([-1.5, 0.0, 20.0])))
 
 
 def test_first_kernel_load_does_not_import_scipy_and_blas_still_works():

@@ -6,6 +6,11 @@ on float32 is written in plain arithmetic (Cephes' ``expf``: range reduction, a 
 Its error is below 2 ulp on the range the loss uses (arguments up to 70: the shifts of the
 softmax keep ``x - shift <= log(1e30)``); from 88.38 on it returns +inf.
 
+:func:`fast_exp64` is the same in float64 for the lattices and posteriors kept in float64 (the TDT kernels):
+Cody-Waite range reduction, a degree-11 polynomial and ``2**n`` from exponent bits (in two factors, so
+that subnormal results are rounded once), within 1 ulp of ``math.exp`` on its whole range, exactly 0 below
+-745.2 (and for -inf), +inf above 709.78, NaN for NaN.
+
 Also here: :func:`cast_like` (a value in an array's element type, for dtype-generic kernels),
 :func:`load`/:func:`store`, which read and write float16/bfloat16 logits and gradients stored as raw bits, and
 :func:`fence`, which keeps the kernels' fast-math reassociation away from a value.
@@ -20,7 +25,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-__all__ = ["fast_exp", "cast_like", "load", "store", "fence"]
+__all__ = ["fast_exp", "fast_exp64", "cast_like", "load", "store", "fence"]
 
 _LOG2E = np.float32(1.44269504088896341)
 _LN2_HI = np.float32(0.693359375)
@@ -49,6 +54,30 @@ def _float32_from_bits(typingctx, bits):
         return builder.bitcast(args[0], ir.FloatType())
 
     return types.float32(types.int32), codegen
+
+
+@intrinsic
+def _float64_from_bits(typingctx, bits):
+    """Reinterpret the bits of an int64 as a float64."""
+    if bits != types.int64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return types.float64(types.int64), codegen
+
+
+@intrinsic
+def _bits_of_float64(typingctx, value):
+    """Reinterpret the bits of a float64 as an int64."""
+    if value != types.float64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return types.int64(types.float64), codegen
 
 
 @intrinsic
@@ -105,6 +134,63 @@ def _fast_exp_overload(x):
         return _exp_float32
     if isinstance(x, types.Float):
         return _exp_libm
+    return None
+
+
+# float64: exp(x) = 2**n * exp(r), n = round(x / ln 2) (rounded by adding 1.5 * 2**52, whose last bits are
+# then n), r = x - n * ln 2 in two parts (n * _LN2_HI_64 is exact), |r| <= 0.347, where a degree-11
+# polynomial (Chebyshev fit, within 4e-18 of exp(r)) is evaluated.
+_LOG2E_64 = 1.4426950408889634
+_LN2_HI_64 = 6.93145751953125e-1
+_LN2_LO_64 = 1.42860682030941723212e-6
+_ROUND_64 = 6755399441055744.0  # 1.5 * 2**52
+_ROUND_BITS_64 = 0x4338000000000000
+_MIN_ARG_64 = -745.2  # exp(-745.2) is below half the smallest subnormal
+_MAX_ARG_64 = 709.782712893384  # the largest argument whose exp is finite
+_E2, _E3, _E4, _E5 = 0.5000000000000019, 0.1666666666666668, 0.04166666666648795, 0.008333333333319589
+_E6, _E7, _E8 = 0.0013888888952352863, 0.00019841269890076403, 2.4801485441561313e-05
+_E9, _E10, _E11 = 2.755724088722987e-06, 2.763265472252779e-07, 2.5110049204818658e-08
+
+
+def fast_exp64(x):  # pragma: no cover - replaced by the overload inside jitted code
+    """``exp(x)`` in float64 for any float ``x``, in plain arithmetic (vectorisable). Only callable from jitted
+    code."""
+    raise TypeError("fast_exp64 is only available inside numba-jitted functions")
+
+
+def _exp_float64(x):
+    x = np.float64(x)
+    xc = x if x > _MIN_ARG_64 else _MIN_ARG_64  # NaN too: n must stay a small integer
+    xc = xc if xc < _MAX_ARG_64 else _MAX_ARG_64
+    rounded = xc * _LOG2E_64 + _ROUND_64
+    n = rounded - _ROUND_64
+    r = xc - n * _LN2_HI_64
+    r = r - n * _LN2_LO_64
+    p = _E11
+    p = p * r + _E10
+    p = p * r + _E9
+    p = p * r + _E8
+    p = p * r + _E7
+    p = p * r + _E6
+    p = p * r + _E5
+    p = p * r + _E4
+    p = p * r + _E3
+    p = p * r + _E2
+    p = p * r + 1.0
+    p = p * r + 1.0
+    # 2**n as 2**h * 2**(n - h): both factors are normal for n in [-1075, 1024], and p * 2**h is exact
+    k = _bits_of_float64(rounded) - _ROUND_BITS_64
+    h = k >> 1
+    y = p * _float64_from_bits((h + 1023) << 52) * _float64_from_bits((k - h + 1023) << 52)
+    y = np.inf if x > _MAX_ARG_64 else y
+    y = 0.0 if x < _MIN_ARG_64 else y
+    return x if x != x else y
+
+
+@overload(fast_exp64, jit_options={"fastmath": {"contract"}})
+def _fast_exp64_overload(x):
+    if isinstance(x, types.Float):
+        return _exp_float64
     return None
 
 
