@@ -221,6 +221,28 @@ def test_kernels_on_nemos_randomized_cases(durations):
     np.testing.assert_allclose(grads, ref_grads, atol=1e-6)
 
 
+@pytest.mark.parametrize("durations", [(0, 1, 2, 3, 4), (0, 2), (1, 3), (0, 1, 9), (2,)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kernels_on_long_label_sequences(durations, dtype):
+    """U+1 = 41 rows a frame: the kernels' loops over the rows of a frame or of an anti-diagonal run their
+    vectorised bodies (the property test's U <= 4 stays in their remainders). Peaked logits give posteriors
+    from about 1 to far below 1e-30; the lengths vary, one utterance is shorter than the longest duration,
+    and without duration 0 (or with only 2) some utterances have no alignment (inf cost, zero gradient)."""
+    rng = np.random.default_rng(len(durations) + 10 * max(durations))
+    logits, targets, logit_lengths, target_lengths = tdt_problem(rng, 5, 44, 40, 6, durations, dtype=dtype,
+                                                                 scale=5.0)
+    logit_lengths[:], target_lengths[:] = [44, 43, 3, 40, 30], [40, 40, 2, 10, 0]
+    costs, grads = run_kernels(logits, targets, logit_lengths, target_lengths, durations, 1, sigma=0.05,
+                               fastemit_lambda=0.01, grad_scale=np.linspace(0.5, 2, 5))
+    ref_costs, ref_grads = tdt_loss_reference(logits, targets, logit_lengths, target_lengths, durations, blank=1,
+                                              sigma=0.05, fastemit_lambda=0.01, reduction="none")
+    f64 = dtype == np.float64
+    np.testing.assert_allclose(costs, ref_costs, rtol=1e-12 if f64 else 1e-6)
+    expected = ref_grads * np.linspace(0.5, 2, 5)[:, None, None, None]
+    np.testing.assert_allclose(grads, expected, rtol=1e-10 if f64 else 1e-5, atol=1e-12 if f64 else 1e-6)
+    assert np.isfinite(costs).sum() >= 2 and np.abs(grads).max() > 0.1
+
+
 def test_label_head_only_kernels_are_the_rnnt_kernels_bit_for_bit():
     rng = np.random.default_rng(5)
     durations = (0, 1, 2, 3, 4)

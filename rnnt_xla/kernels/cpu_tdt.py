@@ -12,11 +12,16 @@ Four passes, as in :mod:`rnnt_xla.kernels.cpu` (whose helpers they share), none 
 
 1. :func:`normalizers` (parallel over frames): the label rows' log-softmax shifts and blank/label
    log-probabilities (``cpu._normalise_frame``, the same code as the RNNT pass), and each row's duration
-   log-softmax;
-2. :func:`alphas_and_costs` (parallel over the batch): forward variables over the duration arcs, costs;
-3. :func:`betas` (parallel over the batch): backward variables;
-4. :func:`gradients` (parallel over frames): one sweep of each row writes its label part
-   (``cpu._write_row_gradient``, the RNNT writer) and its duration part.
+   log-softmax (all rows of a frame at once);
+2. :func:`alphas_and_costs` (parallel over the batch): forward variables over the duration arcs, costs,
+   anti-diagonal by anti-diagonal (the cells of one are independent);
+3. :func:`betas` (parallel over the batch): backward variables, the same way;
+4. :func:`gradients` (parallel over frames): the arcs' posteriors of all rows of a frame, then one sweep of
+   each row writes its label part (``cpu._write_row_gradient``, the RNNT writer) and its duration part.
+
+The float64 lattice values and posteriors use ``fast_math.fast_exp64`` (within 1 ulp of ``math.exp``) in
+loops over the rows of a frame or the cells of an anti-diagonal, which LLVM vectorises; a scalar ``math.exp``
+per arc cost more than the rest of the loss.
 
 With ``label_head_only`` (NeMo's ``omega`` case) the loss is the plain RNNT loss of ``logits[..., :V]``:
 passes 2 and 3 are the RNNT lattice passes of ``cpu``, no sigma, and the duration part's gradient is zero;
@@ -43,7 +48,7 @@ import numpy as np
 
 from . import cpu
 from .cpu import _JIT, _launch, _log_prob, _normalise_frame, _section, _serial_variant, _write_row_gradient
-from .fast_math import load, store
+from .fast_math import fast_exp64, load, store
 from .numba_startup import paused_garbage_collector
 
 with paused_garbage_collector():
@@ -94,6 +99,41 @@ def allocate_residuals(batch: int, frames: int, positions: int, num_durations: i
     return Residuals(*(np.empty(shape, dt) for shape, dt in shapes))
 
 
+@njit(**_JIT)
+def _duration_log_softmax(frame, V, rows, out, scratch):
+    """The duration log-softmax of the first ``rows`` rows of one frame, ``out[u, i] = (x_i - max) -
+    log(sum exp(x - max))`` (float64, as ``cpu._log_prob``).
+
+    ``frame: (U1, V + D)`` logits, ``out: (U1, D)`` float64, ``scratch: (D + 2, >= rows)`` float64. The
+    scores are first transposed into ``scratch`` so that the max, the exps and the sums run over the rows of
+    the frame, loops LLVM vectorises (``fast_exp64``); a row's ``D`` entries alone are too few.
+    """
+    D = out.shape[1]
+    x = scratch[:D]
+    m = scratch[D]
+    s = scratch[D + 1]
+    for u in range(rows):
+        row = frame[u]
+        for i in range(D):
+            x[i, u] = np.float64(load(row, V + i))
+    for u in range(rows):
+        m[u] = x[0, u]
+    for i in range(1, D):
+        xi = x[i]
+        for u in range(rows):
+            m[u] = xi[u] if xi[u] > m[u] else m[u]
+    for u in range(rows):
+        s[u] = 0.0
+    for i in range(D):
+        xi = x[i]
+        for u in range(rows):
+            s[u] += fast_exp64(xi[u] - m[u])
+    for u in range(rows):
+        log_sum = math.log(s[u])
+        for i in range(D):
+            out[u, i] = _log_prob(x[i, u], m[u], log_sum)
+
+
 @njit(parallel=True, **_JIT)
 def normalizers(logits, targets, logit_lengths, target_lengths, blank, log_norm, log_blank, log_emit,
                 log_durations):
@@ -110,19 +150,7 @@ def normalizers(logits, targets, logit_lengths, target_lengths, blank, log_norm,
         U_b = target_lengths[b]
         _normalise_frame(logits[b, t], V, targets[b], U_b, blank, True, log_norm[b, t], log_blank[b, t],
                          log_emit[b, t])
-        for u in range(U_b + 1):
-            row = logits[b, t, u]
-            out = log_durations[b, t, u]
-            m = np.float64(load(row, V))
-            for i in range(1, D):
-                x = np.float64(load(row, V + i))
-                m = x if x > m else m
-            s = 0.0
-            for i in range(D):
-                s += math.exp(np.float64(load(row, V + i)) - m)
-            log_sum = math.log(s)
-            for i in range(D):
-                out[i] = _log_prob(load(row, V + i), m, log_sum)
+        _duration_log_softmax(logits[b, t], V, U_b + 1, log_durations[b, t], np.empty((D + 2, U_b + 1)))
 
 
 @njit(**_JIT)
@@ -132,9 +160,146 @@ def _fold_max(m, x):
 
 
 @njit(**_JIT)
-def _log_sum_exp_step(m, x):
-    """``exp(x - m)``: a term of a log-sum-exp shifted by its maximum ``m``."""
-    return math.exp(x - m)
+def _skewed_weights(log_blank, log_emit, log_durations, T_b, U_b, blank_weights, label_weights):
+    """The arcs' weights of one utterance in anti-diagonal layout: ``blank_weights[i, t + u, u] =
+    log_blank[t, u] + log_durations[t, u, i]`` and ``label_weights`` the same with ``log_emit``.
+
+    ``log_blank, log_emit: (T, U1)``, ``log_durations: (T, U1, D)``; outputs ``(D, >= T_b + U_b, U_b + 1)``
+    float64. The cells of an anti-diagonal ``t + u = k`` are then contiguous, and so are the sources (or
+    targets) of their arcs of one duration: the lattice passes run over them in vectorised loops.
+    """
+    D = log_durations.shape[2]
+    for t in range(T_b):
+        for u in range(U_b + 1):
+            lb = log_blank[t, u]
+            le = log_emit[t, u]
+            for i in range(D):
+                ld = log_durations[t, u, i]
+                blank_weights[i, t + u, u] = lb + ld
+                label_weights[i, t + u, u] = le + ld
+
+
+# The loops over the cells of an anti-diagonal run over unsigned indices: Numba wraps negative signed indices,
+# and the select it adds for an index that LLVM cannot prove non-negative (a loop not starting at 0) keeps the
+# loop from being vectorised.
+
+@njit(**_JIT)
+def _fold_terms(sweep, m, acc, cell, lattice, row, col, weights, i, weight_row, weight_col, count):
+    """One arc kind and duration of ``count`` consecutive cells of an anti-diagonal: the term of cell
+    ``cell + j`` is ``lattice[row, col + j] + weights[i, weight_row, weight_col + j]``. Sweep 0 folds it into
+    the cell's maximum ``m``, sweep 1 adds ``exp(term - m)`` to ``acc`` (``m`` then the cell's shift)."""
+    c = np.uint64(cell)
+    c1 = np.uint64(col)
+    c2 = np.uint64(weight_col)
+    if sweep == 0:
+        for j in range(np.uint64(count)):
+            m[c + j] = _fold_max(m[c + j], lattice[row, c1 + j] + weights[i, weight_row, c2 + j])
+    else:
+        for j in range(np.uint64(count)):
+            acc[c + j] += fast_exp64(lattice[row, c1 + j] + weights[i, weight_row, c2 + j] - m[c + j])
+
+
+@njit(**_JIT)
+def _alpha_terms(sweep, m, acc, a, wb, we, durations, k, lo, hi):
+    """Sweep ``sweep`` (:func:`_fold_terms`) over the arcs into the cells ``lo <= u < hi`` of anti-diagonal
+    ``k``: the blank of duration ``d > 0`` from ``(t - d, u)`` (anti-diagonal ``k - d``), the label from
+    ``(t - d, u - 1)`` (``k - d - 1``), where ``t - d >= 0``."""
+    for i in range(durations.shape[0]):
+        d = durations[i]
+        end = min(hi, k - d + 1)  # the source (t - d, .) exists: u <= k - d
+        if end <= lo:
+            break
+        if d > 0:
+            _fold_terms(sweep, m, acc, lo, a, k - d, lo, wb, i, k - d, lo, end - lo)
+        start = max(lo, 1)
+        if start < end:
+            _fold_terms(sweep, m, acc, start, a, k - d - 1, start - 1, we, i, k - d - 1, start - 1, end - start)
+
+
+@njit(**_JIT)
+def _beta_terms(sweep, m, acc, z, wb, we, durations, T_b, U_b, k, lo, hi):
+    """Sweep ``sweep`` over the arcs out of the cells ``lo <= u < hi`` of anti-diagonal ``k``: the blank of
+    duration ``d > 0`` to ``(t + d, u)`` where ``t + d <= T_b``, the label to ``(t + d, u + 1)`` where
+    ``t + d < T_b`` and ``u < U_b``."""
+    for i in range(durations.shape[0]):
+        d = durations[i]
+        start = max(lo, k + d - T_b)  # the blank ends at t + d <= T_b
+        if start >= hi:
+            break
+        if d > 0:
+            _fold_terms(sweep, m, acc, start, z, k + d, start, wb, i, k, start, hi - start)
+        start = max(lo, k + d - T_b + 1)
+        end = min(hi, U_b)
+        if start < end:
+            _fold_terms(sweep, m, acc, start, z, k + d + 1, start + 1, we, i, k, start, end - start)
+
+
+@njit(**_JIT)
+def _start_cells(m, acc, lo, hi):
+    """No term yet in the cells ``lo <= u < hi``: maximum ``-inf``, sum 0."""
+    for u in range(np.uint64(lo), np.uint64(hi)):
+        m[u] = -np.inf
+        acc[u] = 0.0
+
+
+@njit(**_JIT)
+def _shifts(m, lo, hi):
+    """The shift of each cell's log-sum-exp: its largest term, or 0 where it has none (``m = -inf``), so
+    that ``exp(term - shift)`` is 0 there and ``shift + log(0) = -inf``; NaN stays NaN."""
+    for u in range(np.uint64(lo), np.uint64(hi)):
+        m[u] = 0.0 if m[u] == -np.inf else m[u]
+
+
+# A cell's sum of exp(term - guess) is trusted in this range: the guess is then within 70 of the largest term
+# (log(sum) adds at most 70 * 2**-52 of rounding), and no term overflowed or underflowed everything.
+_GUESS_LOW = 2.0**-100
+_GUESS_HIGH = 2.0**100
+
+
+@njit(**_JIT)
+def _sums_in_range(acc, lo, hi):
+    """Whether every sum of the cells ``lo <= u < hi`` lies in ``[_GUESS_LOW, _GUESS_HIGH]`` (NaN does not)."""
+    bad = 0
+    for u in range(np.uint64(lo), np.uint64(hi)):
+        bad += not (acc[u] >= _GUESS_LOW and acc[u] <= _GUESS_HIGH)
+    return bad == 0
+
+
+@njit(**_JIT)
+def _guess_alpha_shifts(a, k, lo, hi, m):
+    """``m[u] = max(alpha[t - 1, u], alpha[t, u - 1])`` (of those that exist) for the cells ``lo <= u < hi`` of
+    anti-diagonal ``k >= 1``, ``t = k - u``: a cell's value, hence its largest term, is usually close to its
+    neighbours'."""
+    if lo == 0:
+        m[0] = a[k - 1, 0]
+    for u in range(np.uint64(max(lo, 1)), np.uint64(min(hi, k))):  # 1 <= u <= k - 1
+        m[u] = max(a[k - 1, u], a[k - 1, u - np.uint64(1)])
+    if hi == k + 1:  # t = 0
+        m[k] = a[k - 1, k - 1]
+
+
+@njit(**_JIT)
+def _guess_beta_shifts(z, k, lo, hi, U_b, m):
+    """``m[u] = max(beta[t + 1, u], beta[t, u + 1])`` (the latter for ``u < U_b``) for the cells ``lo <= u < hi``
+    of anti-diagonal ``k``, as :func:`_guess_alpha_shifts`."""
+    for u in range(np.uint64(lo), np.uint64(min(hi, U_b))):
+        m[u] = max(z[k + 1, u], z[k + 1, u + np.uint64(1)])
+    if hi == U_b + 1:
+        m[U_b] = z[k + 1, U_b]
+
+
+@njit(**_JIT)
+def _start_sums(acc, lo, hi):
+    """Sums 0 in the cells ``lo <= u < hi``."""
+    for u in range(np.uint64(lo), np.uint64(hi)):
+        acc[u] = 0.0
+
+
+@njit(**_JIT)
+def _finish_cells(m, acc, lo, hi, sigma, lattice, row):
+    """``lattice[row, u] = m[u] + log(acc[u]) - sigma`` for ``lo <= u < hi`` (``-inf`` without terms)."""
+    for u in range(lo, hi):
+        lattice[row, u] = m[u] + math.log(acc[u]) - sigma
 
 
 @njit(parallel=True, **_JIT)
@@ -144,114 +309,142 @@ def alphas_and_costs(log_blank, log_emit, log_durations, durations, logit_length
     ``cost = -(1 + fastemit_lambda) * log P``.
 
     An arc into ``(t, u)`` with duration ``d`` leaves ``(t - d, u)`` (blank, ``d > 0``) or ``(t - d, u - 1)``
-    (label); its weight minus sigma is ``log_blank/log_emit + log_durations`` there. Each cell takes the
-    maximum of its terms first, then one ``exp`` per term and one ``log``. ``t``-major order: the label
-    arcs of duration 0 come from ``(t, u - 1)``, computed just before.
+    (label); its weight minus sigma is ``log_blank/log_emit + log_durations`` there. Every arc goes to a later
+    anti-diagonal ``t + u``, so the cells of one anti-diagonal are independent: they are computed together,
+    in the layout of :func:`_skewed_weights`, one vectorised loop per arc kind and duration.
+
+    Each cell's log-sum-exp is shifted by a guess, the larger of its neighbours ``(t - 1, u)`` and
+    ``(t, u - 1)`` (one loop of ``exp`` per arc, ``fast_exp64``, one ``log`` per cell). An anti-diagonal where a
+    sum leaves ``[_GUESS_LOW, _GUESS_HIGH]`` (a cell far from its neighbours, unreachable, or NaN) is summed
+    again with each cell's largest term as its shift.
     """
     B = log_blank.shape[0]
     D = durations.shape[0]
     for b in prange(B):
         T_b = logit_lengths[b]
         U_b = target_lengths[b]
+        n = U_b + 1
+        K = T_b + U_b  # anti-diagonals k = t + u of the cells
+        wb = np.empty((D, K, n))
+        we = np.empty((D, K, n))
+        _skewed_weights(log_blank[b], log_emit[b], log_durations[b], T_b, U_b, wb, we)
+        a = np.empty((K, n))  # a[t + u, u] = alpha[t, u]
+        m = np.empty(n)
+        acc = np.empty(n)
+        a[0, 0] = 0.0
+        for k in range(1, K):
+            lo = max(0, k - T_b + 1)  # the cells (k - u, u) with lo <= u < hi
+            hi = min(k, U_b) + 1
+            _guess_alpha_shifts(a, k, lo, hi, m)
+            _start_sums(acc, lo, hi)
+            _alpha_terms(1, m, acc, a, wb, we, durations, k, lo, hi)
+            if not _sums_in_range(acc, lo, hi):
+                _start_cells(m, acc, lo, hi)
+                _alpha_terms(0, m, acc, a, wb, we, durations, k, lo, hi)
+                _shifts(m, lo, hi)
+                _alpha_terms(1, m, acc, a, wb, we, durations, k, lo, hi)
+            _finish_cells(m, acc, lo, hi, sigma, a, k)
         alpha = alphas[b]
-        blank = log_blank[b]
-        emit = log_emit[b]
-        dur = log_durations[b]
         for t in range(T_b):
-            for u in range(U_b + 1):
-                if t == 0 and u == 0:
-                    alpha[0, 0] = 0.0
-                    continue
-                m = -np.inf
-                for i in range(D):
-                    d = durations[i]
-                    s = t - d
-                    if s < 0:
-                        break
-                    if d > 0:
-                        m = _fold_max(m, alpha[s, u] + blank[s, u] + dur[s, u, i])
-                    if u > 0:
-                        m = _fold_max(m, alpha[s, u - 1] + emit[s, u - 1] + dur[s, u - 1, i])
-                if m == -np.inf:  # unreachable (e.g. odd t with durations [0, 2])
-                    alpha[t, u] = -np.inf
-                    continue
-                acc = 0.0
-                for i in range(D):
-                    d = durations[i]
-                    s = t - d
-                    if s < 0:
-                        break
-                    if d > 0:
-                        acc += _log_sum_exp_step(m, alpha[s, u] + blank[s, u] + dur[s, u, i])
-                    if u > 0:
-                        acc += _log_sum_exp_step(m, alpha[s, u - 1] + emit[s, u - 1] + dur[s, u - 1, i])
-                alpha[t, u] = m + math.log(acc) - sigma
+            for u in range(n):
+                alpha[t, u] = a[t + u, u]
         # the final state (T_b, U_b): the blanks that end exactly at T_b
-        m = -np.inf
+        last = -np.inf
         for i in range(D):
             s = T_b - durations[i]
             if durations[i] > 0 and s >= 0:
-                m = _fold_max(m, alpha[s, U_b] + blank[s, U_b] + dur[s, U_b, i])
+                last = _fold_max(last, alpha[s, U_b] + wb[i, s + U_b, U_b])
         ll = -np.inf
-        if m != -np.inf:
-            acc = 0.0
+        if last != -np.inf:
+            total = 0.0
             for i in range(D):
                 s = T_b - durations[i]
                 if durations[i] > 0 and s >= 0:
-                    acc += _log_sum_exp_step(m, alpha[s, U_b] + blank[s, U_b] + dur[s, U_b, i])
-            ll = m + math.log(acc) - sigma
+                    total += math.exp(alpha[s, U_b] + wb[i, s + U_b, U_b] - last)
+            ll = last + math.log(total) - sigma
         log_likelihood[b] = ll
         costs[b] = -(1.0 + fastemit_lambda) * ll
-
-
-@njit(**_JIT)
-def _next_beta(beta, t, u, d, T_b, U_b, label):
-    """``beta`` of the state an arc of duration ``d`` from ``(t, u)`` reaches (0 for the final state,
-    ``-inf`` where the arc is not allowed): a blank (``label`` False) needs ``d > 0``, a label ``u < U_b``;
-    only a blank from ``u = U_b`` may end at ``T_b``."""
-    n = t + d
-    if label:
-        return beta[n, u + 1] if (u < U_b and n < T_b) else -np.inf
-    if d == 0 or n > T_b:
-        return -np.inf
-    if n < T_b:
-        return beta[n, u]
-    return 0.0 if u == U_b else -np.inf
 
 
 @njit(parallel=True, **_JIT)
 def betas(log_blank, log_emit, log_durations, durations, logit_lengths, target_lengths, sigma, out):
     """Pass 3: backward variables ``out: (B, T, U1)`` float64,
-    ``beta[t, u] = logsumexp(outgoing arcs' weight + beta[next]) - sigma`` (``t`` and ``u`` descending)."""
+    ``beta[t, u] = logsumexp(outgoing arcs' weight + beta[next]) - sigma``, anti-diagonal by anti-diagonal from
+    the end of the lattice as in :func:`alphas_and_costs` (the guess: the larger of ``(t + 1, u)`` and
+    ``(t, u + 1)``).
+
+    A blank of duration ``d > 0`` needs ``t + d <= T_b`` and a label ``t + d < T_b``, ``u < U_b``; of the
+    states past the last frame only the final one, ``(T_b, U_b)``, exists (``beta = 0``).
+    """
     B = log_blank.shape[0]
     D = durations.shape[0]
     for b in prange(B):
         T_b = logit_lengths[b]
         U_b = target_lengths[b]
+        n = U_b + 1
+        K = T_b + U_b
+        wb = np.empty((D, K, n))
+        we = np.empty((D, K, n))
+        _skewed_weights(log_blank[b], log_emit[b], log_durations[b], T_b, U_b, wb, we)
+        z = np.empty((K + 1, n))  # z[t + u, u] = beta[t, u], with the states (T_b, u) of frame T_b
+        for u in range(U_b):
+            z[T_b + u, u] = -np.inf
+        z[K, U_b] = 0.0
+        m = np.empty(n)
+        acc = np.empty(n)
+        for k in range(K - 1, -1, -1):
+            lo = max(0, k - T_b + 1)
+            hi = min(k, U_b) + 1
+            _guess_beta_shifts(z, k, lo, hi, U_b, m)
+            _start_sums(acc, lo, hi)
+            _beta_terms(1, m, acc, z, wb, we, durations, T_b, U_b, k, lo, hi)
+            if not _sums_in_range(acc, lo, hi):
+                _start_cells(m, acc, lo, hi)
+                _beta_terms(0, m, acc, z, wb, we, durations, T_b, U_b, k, lo, hi)
+                _shifts(m, lo, hi)
+                _beta_terms(1, m, acc, z, wb, we, durations, T_b, U_b, k, lo, hi)
+            _finish_cells(m, acc, lo, hi, sigma, z, k)
         beta = out[b]
-        blank = log_blank[b]
-        emit = log_emit[b]
-        dur = log_durations[b]
-        for t in range(T_b - 1, -1, -1):
-            for u in range(U_b, -1, -1):
-                m = -np.inf
-                for i in range(D):
-                    d = durations[i]
-                    if t + d > T_b:
-                        break
-                    m = _fold_max(m, blank[t, u] + dur[t, u, i] + _next_beta(beta, t, u, d, T_b, U_b, False))
-                    m = _fold_max(m, emit[t, u] + dur[t, u, i] + _next_beta(beta, t, u, d, T_b, U_b, True))
-                if m == -np.inf:
-                    beta[t, u] = -np.inf
-                    continue
-                acc = 0.0
-                for i in range(D):
-                    d = durations[i]
-                    if t + d > T_b:
-                        break
-                    acc += _log_sum_exp_step(m, blank[t, u] + dur[t, u, i] + _next_beta(beta, t, u, d, T_b, U_b, False))
-                    acc += _log_sum_exp_step(m, emit[t, u] + dur[t, u, i] + _next_beta(beta, t, u, d, T_b, U_b, True))
-                beta[t, u] = m + math.log(acc) - sigma
+        for t in range(T_b):
+            for u in range(n):
+                beta[t, u] = z[t + u, u]
+
+
+@njit(**_JIT)
+def _frame_posteriors(durations, t, T_b, U_b, sigma, ll, alpha, log_blank, log_emit, log_durations, beta,
+                      blank_posteriors, label_posteriors):
+    """The posteriors of the arcs out of the rows ``u <= U_b`` of frame ``t``, ``blank_posteriors[i, u]`` and
+    ``label_posteriors[i, u]`` for duration ``durations[i]`` (0 for the arcs that do not exist), as
+    ``exp(alpha[t, u] + weight - sigma + beta[next] - log P)``.
+
+    ``alpha, log_blank, log_emit: (U1,)`` of the frame, ``log_durations: (D, >= U_b + 1)`` its duration
+    log-softmax transposed, ``beta: (T, U1)`` of the utterance. For one duration the next states of the rows
+    are contiguous in ``beta[t + d]``: one vectorised loop per duration and arc kind.
+    """
+    D = durations.shape[0]
+    n = U_b + 1
+    for i in range(D):
+        d = durations[i]
+        nt = t + d
+        qb = blank_posteriors[i]
+        ql = label_posteriors[i]
+        w = log_durations[i]
+        for u in range(n):
+            qb[u] = 0.0
+            ql[u] = 0.0
+        if d > 0 and nt < T_b:
+            nb = beta[nt]
+            for u in range(n):
+                # an arc to a state the end cannot be reached from has posterior 0 (a NaN utterance too)
+                q = fast_exp64(alpha[u] - sigma - ll + w[u] + log_blank[u] + nb[u])
+                qb[u] = q if nb[u] != -np.inf else 0.0
+        elif d > 0 and nt == T_b:  # the blank that ends the lattice, from (T_b - d, U_b)
+            qb[U_b] = fast_exp64(alpha[U_b] - sigma - ll + w[U_b] + log_blank[U_b])
+        if nt < T_b:
+            nb = beta[nt]
+            for u in range(U_b):
+                q = fast_exp64(alpha[u] - sigma - ll + w[u] + log_emit[u] + nb[u + 1])
+                ql[u] = q if nb[u + 1] != -np.inf else 0.0
 
 
 @njit(parallel=True, **_JIT)
@@ -262,9 +455,10 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, durations, 
     part clipped to ``[-clamp, clamp]`` first).
 
     With ``P_blank(i)`` and ``P_label(i)`` the posteriors of the blank and label arcs of duration
-    ``durations[i]`` out of ``(t, u)``, the label part is the RNNT row gradient with
-    ``P_blank = sum_i P_blank(i)`` and ``P_label = sum_i P_label(i)`` (``cpu._write_row_gradient``); the
-    duration part, through its log-softmax, is ``softmax_i * (P_blank + P_label) - (P_blank(i) + P_label(i))``.
+    ``durations[i]`` out of ``(t, u)`` (:func:`_frame_posteriors`, all rows of a frame at once), the label part
+    is the RNNT row gradient with ``P_blank = sum_i P_blank(i)`` and ``P_label = sum_i P_label(i)``
+    (``cpu._write_row_gradient``); the duration part, through its log-softmax, is
+    ``softmax_i * (P_blank + P_label) - (P_blank(i) + P_label(i))``.
     With ``label_head_only`` the posteriors are the RNNT ones (as ``cpu.gradients``), the duration part 0.
     """
     B, T, U1, W = logits.shape
@@ -282,50 +476,62 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, durations, 
             continue
         scale = grad_scale[b]
         beta = betas[b]
-        posterior = np.empty(D)
+        n = U_b + 1
+        # per row u: P_blank, P_label; per (duration, row): log-softmax, softmax, blank and label posteriors
+        scratch = np.empty((2 + 4 * D, n))
+        p_blank = scratch[0]
+        p_label = scratch[1]
+        log_dur = scratch[2:2 + D]
+        softmax = scratch[2 + D:2 + 2 * D]
+        blank_post = scratch[2 + 2 * D:2 + 3 * D]
+        label_post = scratch[2 + 3 * D:]
+        alpha = alphas[b, t]
+        lb = log_blank[b, t]
+        le = log_emit[b, t]
+        if label_head_only:
+            for u in range(n):
+                if t < T_b - 1:
+                    p_blank[u] = math.exp(alpha[u] + lb[u] + beta[t + 1, u] - ll)
+                elif u == U_b:  # the final blank, which ends the lattice
+                    p_blank[u] = math.exp(alpha[u] + lb[u] - ll)
+                else:
+                    p_blank[u] = 0.0
+                p_label[u] = math.exp(alpha[u] + le[u] + beta[t, u + 1] - ll) if u < U_b else 0.0
+        else:
+            frame_durations = log_durations[b, t]
+            for u in range(n):
+                for i in range(D):
+                    log_dur[i, u] = frame_durations[u, i]
+            for i in range(D):
+                for u in range(n):
+                    softmax[i, u] = fast_exp64(log_dur[i, u])
+            _frame_posteriors(durations, t, T_b, U_b, sigma, ll, alpha, lb, le, log_dur, beta, blank_post,
+                              label_post)
+            for u in range(n):
+                p_blank[u] = 0.0
+                p_label[u] = 0.0
+            for i in range(D):
+                for u in range(n):
+                    p_blank[u] += blank_post[i, u]
+                for u in range(n):
+                    p_label[u] += label_post[i, u]
         for u in range(U1):
             g = grads[b, t, u]
             if u > U_b:
                 g[:] = 0
                 continue
-            alpha = alphas[b, t, u]
-            lb = log_blank[b, t, u]
-            le = log_emit[b, t, u]
-            if label_head_only:
-                if t < T_b - 1:
-                    p_blank = math.exp(alpha + lb + beta[t + 1, u] - ll)
-                elif u == U_b:  # the final blank, which ends the lattice
-                    p_blank = math.exp(alpha + lb - ll)
-                else:
-                    p_blank = 0.0
-                p_label = math.exp(alpha + le + beta[t, u + 1] - ll) if u < U_b else 0.0
-            else:
-                base = alpha - sigma - ll
-                p_blank = 0.0
-                p_label = 0.0
-                for i in range(D):
-                    d = durations[i]
-                    w = base + log_durations[b, t, u, i]
-                    next_blank = _next_beta(beta, t, u, d, T_b, U_b, False)
-                    next_label = _next_beta(beta, t, u, d, T_b, U_b, True)
-                    # only the arcs that exist: a scalar exp costs about as much as 20 entries of the row
-                    q_blank = math.exp(w + lb + next_blank) if next_blank != -np.inf else 0.0
-                    q_label = math.exp(w + le + next_label) if next_label != -np.inf else 0.0
-                    p_blank += q_blank
-                    p_label += q_label
-                    posterior[i] = q_blank + q_label
             label = targets[b, u] if u < U_b else blank
             row = logits[b, t, u]
-            _write_row_gradient(row[:V], g[:V], blank, label, u < U_b, True, log_norm[b, t, u], lb, le, p_blank,
-                                emit_weight * p_label, clamp, scale, log_norm)
+            _write_row_gradient(row[:V], g[:V], blank, label, u < U_b, True, log_norm[b, t, u], lb[u], le[u],
+                                p_blank[u], emit_weight * p_label[u], clamp, scale, log_norm)
             if label_head_only:
                 for i in range(D):
                     store(g, V + i, 0.0)
             else:
-                occupancy = p_blank + p_label
+                occupancy = p_blank[u] + p_label[u]
                 for i in range(D):
-                    softmax = math.exp(log_durations[b, t, u, i])
-                    store(g, V + i, (softmax * occupancy - posterior[i]) * scale)
+                    posterior = blank_post[i, u] + label_post[i, u]
+                    store(g, V + i, (softmax[i, u] * occupancy - posterior) * scale)
 
 
 normalizers_serial = _serial_variant(normalizers)
