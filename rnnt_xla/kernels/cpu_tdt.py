@@ -422,29 +422,36 @@ def _frame_posteriors(durations, t, T_b, U_b, sigma, ll, alpha, log_blank, log_e
     are contiguous in ``beta[t + d]``: one vectorised loop per duration and arc kind.
     """
     D = durations.shape[0]
-    n = U_b + 1
     for i in range(D):
         d = durations[i]
         nt = t + d
         qb = blank_posteriors[i]
         ql = label_posteriors[i]
         w = log_durations[i]
-        for u in range(n):
-            qb[u] = 0.0
-            ql[u] = 0.0
-        if d > 0 and nt < T_b:
-            nb = beta[nt]
-            for u in range(n):
-                # an arc to a state the end cannot be reached from has posterior 0 (a NaN utterance too)
-                q = fast_exp64(alpha[u] - sigma - ll + w[u] + log_blank[u] + nb[u])
-                qb[u] = q if nb[u] != -np.inf else 0.0
-        elif d > 0 and nt == T_b:  # the blank that ends the lattice, from (T_b - d, U_b)
-            qb[U_b] = fast_exp64(alpha[U_b] - sigma - ll + w[U_b] + log_blank[U_b])
-        if nt < T_b:
+        # an arc to a state the end cannot be reached from has posterior 0 (a NaN utterance too)
+        if nt < T_b and d > 0:
             nb = beta[nt]
             for u in range(U_b):
-                q = fast_exp64(alpha[u] - sigma - ll + w[u] + log_emit[u] + nb[u + 1])
-                ql[u] = q if nb[u + 1] != -np.inf else 0.0
+                q_blank = fast_exp64(alpha[u] - sigma - ll + w[u] + log_blank[u] + nb[u])
+                q_label = fast_exp64(alpha[u] - sigma - ll + w[u] + log_emit[u] + nb[u + 1])
+                qb[u] = q_blank if nb[u] != -np.inf else 0.0
+                ql[u] = q_label if nb[u + 1] != -np.inf else 0.0
+            q_blank = fast_exp64(alpha[U_b] - sigma - ll + w[U_b] + log_blank[U_b] + nb[U_b])
+            qb[U_b] = q_blank if nb[U_b] != -np.inf else 0.0
+        elif nt < T_b:  # d = 0: labels only
+            nb = beta[nt]
+            for u in range(U_b):
+                q_label = fast_exp64(alpha[u] - sigma - ll + w[u] + log_emit[u] + nb[u + 1])
+                qb[u] = 0.0
+                ql[u] = q_label if nb[u + 1] != -np.inf else 0.0
+            qb[U_b] = 0.0
+        else:
+            for u in range(U_b + 1):
+                qb[u] = 0.0
+                ql[u] = 0.0
+            if nt == T_b and d > 0:  # the blank that ends the lattice, from (T_b - d, U_b)
+                qb[U_b] = fast_exp64(alpha[U_b] - sigma - ll + w[U_b] + log_blank[U_b])
+        ql[U_b] = 0.0
 
 
 @njit(parallel=True, **_JIT)
