@@ -243,6 +243,24 @@ def test_kernels_on_long_label_sequences(durations, dtype):
     assert np.isfinite(costs).sum() >= 2 and np.abs(grads).max() > 0.1
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kernels_with_cells_far_from_their_neighbours(dtype):
+    """Logits of scale 400: neighbouring lattice cells differ by thousands, so the lattice passes' guessed shifts
+    (a cell's neighbours) are far from the cells' terms (their sums of exps overflow or vanish) and those
+    anti-diagonals are summed again with the exact maxima; posteriors from 1 down to 0."""
+    rng = np.random.default_rng(21)
+    durations = (0, 1, 2, 3, 4)
+    logits, targets, logit_lengths, target_lengths = tdt_problem(rng, 3, 30, 20, 5, durations, dtype=dtype,
+                                                                 scale=400.0)
+    costs, grads = run_kernels(logits, targets, logit_lengths, target_lengths, durations, 0, sigma=0.05)
+    ref_costs, ref_grads = tdt_loss_reference(logits, targets, logit_lengths, target_lengths, durations, blank=0,
+                                              sigma=0.05, reduction="none")
+    f64 = dtype == np.float64
+    assert ref_costs.max() > 5000
+    np.testing.assert_allclose(costs, ref_costs, rtol=1e-12 if f64 else 1e-6)
+    np.testing.assert_allclose(grads, ref_grads, rtol=1e-10 if f64 else 1e-5, atol=1e-12 if f64 else 1e-6)
+
+
 def test_label_head_only_kernels_are_the_rnnt_kernels_bit_for_bit():
     rng = np.random.default_rng(5)
     durations = (0, 1, 2, 3, 4)
