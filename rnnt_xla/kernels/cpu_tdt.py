@@ -112,10 +112,9 @@ def _duration_log_softmax(frame, V, rows, out, scratch):
     x = scratch[:D]
     m = scratch[D]
     s = scratch[D + 1]
-    for u in range(rows):
-        row = frame[u]
-        for i in range(D):
-            x[i, u] = np.float64(load(row, V + i))
+    for i in range(D):
+        for u in range(rows):
+            x[i, u] = np.float64(load(frame, (u, V + i)))
     for u in range(rows):
         m[u] = x[0, u]
     for i in range(1, D):
@@ -506,8 +505,8 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, durations, 
                 p_label[u] = math.exp(alpha[u] + le[u] + beta[t, u + 1] - ll) if u < U_b else 0.0
         else:
             frame_durations = log_durations[b, t]
-            for u in range(n):
-                for i in range(D):
+            for i in range(D):
+                for u in range(n):
                     log_dur[i, u] = frame_durations[u, i]
             for i in range(D):
                 for u in range(n):
