@@ -98,6 +98,19 @@ def test_grad_scale_multiplies_each_utterance_after_clamping(rng):
     np.testing.assert_allclose(grads, ref_grads * scale[:, None, None, None], atol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [1e-22, -3e-30])
+def test_tiny_row_gradients_keep_their_digits(rng, scale):
+    """Rows whose gradient is below 2**-64 (here all of them, through grad_scale) are written as
+    exp(x - shift + log(weight)), not as float32-subnormal-prone products: the same values to 2e-5, entries
+    below float32's normal range 0, the sign of the scale kept."""
+    p = random_problem(rng, 3, 7, 5, 40, scale=3.0)
+    _, grads = run_kernels(p, grad_scale=np.full(3, scale))
+    _, ref_grads = reference(p)
+    expected = ref_grads * scale
+    np.testing.assert_allclose(grads, expected, rtol=2e-5, atol=2e-38)
+    assert np.abs(expected).max() > abs(scale) * 0.1 and (np.abs(expected) < 1e-38).any()
+
+
 def test_inputs_are_not_modified(rng):
     p = random_problem(rng, 3, 9, 5, 11)
     before = [a.copy() for a in (p.logits, p.targets, p.logit_lengths, p.target_lengths)]
