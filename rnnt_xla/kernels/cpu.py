@@ -37,7 +37,9 @@ from typing import NamedTuple
 import numpy as np
 
 from . import threads
-from .numba_startup import import_arraymath_without_scipy, paused_garbage_collector
+from .numba_startup import drop_stale_caches, import_arraymath_without_scipy, paused_garbage_collector
+
+drop_stale_caches()  # before any kernel of the package is loaded from Numba's cache
 
 with paused_garbage_collector():  # Numba's import is part of its start-up (see numba_startup)
     import numba
