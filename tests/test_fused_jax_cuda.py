@@ -7,8 +7,10 @@ arrays standing for XLA's buffers (``FakeCUDAArray`` with a CUDA dlpack device, 
 calls on numpy buffers take the CPU branch. Every output (normalisers, log-probabilities, loss, alphas,
 log-likelihoods, betas, tile gradients) must agree, and the CPU branch's loss and assembled gradient must equal
 the float64 reference: several tiles (padding rows and frames in the last ones, utterances shorter than a tile's
-first frame), ragged lengths, FastEmit, clamp, every reduction, a vmapped leading axis. Also: the GPU branch
-checks traced lengths and labels, its new CUDA kernels compile to PTX, and with a GPU the real thing.
+first frame), ragged lengths, FastEmit, clamp, every reduction, a vmapped leading axis, bfloat16 logits. The
+GPU branch hands the kernels views of XLA's buffers (only the tile's lengths, labels and gradient scale and the
+``B`` costs are Numba's) and checks traced lengths and labels; its new kernel specialisations compile to PTX;
+with a GPU, the fused loss runs for real against the unfused one.
 """
 
 from __future__ import annotations
@@ -102,7 +104,25 @@ CASES = [
          reduction="mean_volume", blank=2, clamp=0.2),
     Case("f32-mean_by_target_length", "float32", (3, 1, 2, 3), (2, 0, 1, 2), T=3, U=2, V=4, tile_b=3, tile_t=2,
          reduction="mean_by_target_length", blank=0, fastemit_lambda=0.2),
+    # 16-bit logits: the kernels see bfloat16 as its int16 bits; the gradient is rounded to bfloat16
+    Case("bf16-mean", "bfloat16", (4, 2), (1, 2), T=4, U=2, V=5, tile_b=1, tile_t=3, reduction="mean", blank=4),
 ]
+# Relative rounding error of one bfloat16 gradient entry, and its one ulp (two computations may round apart).
+BF16_EPS = 2.0**-8
+
+
+def assert_close(got: np.ndarray, expected: np.ndarray, dtype: str, float32_tol: float, err_msg: str = "",
+                 ulps: int = 0) -> None:
+    """float64: to 1e-12; float32 (and the float64 lattice from float32 sums): to ``float32_tol``; a bfloat16
+    gradient (``ulps`` > 0): to ``ulps`` roundings of bfloat16 more."""
+    if dtype == "float64":
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12, err_msg=err_msg)
+    elif dtype == "bfloat16" and ulps:
+        got, expected = got.astype(np.float64), expected.astype(np.float64)
+        bound = ulps * BF16_EPS * np.abs(expected) + float32_tol
+        assert np.all(np.abs(got - expected) <= bound), (err_msg, np.abs(got - expected).max())
+    else:
+        np.testing.assert_allclose(got, expected, rtol=float32_tol, atol=float32_tol, err_msg=err_msg)
 
 
 def _garbage(shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -160,7 +180,8 @@ def pipeline(case: Case, wrap) -> dict[str, np.ndarray]:
             logits, *indices, offset, log_norm, log_blank, log_emit, alphas, betas, log_likelihood, a["grad_loss"])))
     return {"log_norm": log_norm, "log_blank": _f64(log_blank), "log_emit": _f64(log_emit), "loss": loss,
             "alphas": _f64(alphas), "log_likelihood": _f64(log_likelihood), "betas": _f64(betas),
-            "tile_grads": np.stack(grads), "grads": _assemble(options, grads, lead)}
+            # 16-bit gradients as float32 (exact; np.savez cannot store bfloat16)
+            "tile_grads": np.stack(grads).astype(compute), "grads": _assemble(options, grads, lead).astype(compute)}
 
 
 def simulate(out: str) -> None:
@@ -171,21 +192,34 @@ def simulate(out: str) -> None:
     sys.setswitchinterval(1e-4)  # the simulator's threads hand the GIL over sooner (see test_kernels_cuda)
     cuda_kernels._MIN_THREADS = 4
 
+    xla_memory = []
+
     class Buffer(FakeCUDAArray):
         """An XLA GPU buffer: device memory (here the numpy array itself) on GPU 0."""
 
+        def __init__(self, ary, stream=0):
+            super().__init__(ary, stream)
+            xla_memory.append(ary)
+
         def __dlpack_device__(self):
             return (2, 0)  # kDLCUDA
+
+    def in_xla_memory(array) -> bool:
+        return any(np.shares_memory(array._ary, buffer) for buffer in xla_memory)
 
     def cpu_kernel(*args, **kwargs):
         raise AssertionError("a CPU kernel ran on GPU buffers")
 
     for name in ("normalise", "lattice_forward", "lattice_backward", "gradient"):
         setattr(cpu, name, cpu_kernel)
-    calls = []
+    calls, copies = [], []
+    # the arrays each kernel reads and writes, but the tile's lengths, labels and gradient scale and the B costs
+    xla_arguments = {"normalise": lambda a: [a[0], *a[6][:3]], "lattice_forward": lambda a: a[3][1:],
+                     "lattice_backward": lambda a: [*a[2][1:3], a[3]], "gradient": lambda a: [a[0], *a[9], a[10], a[11]]}
     for name in ("normalise", "lattice_forward", "lattice_backward", "gradient"):
         def counted(*args, _kernel=getattr(cuda_kernels, name), _name=name, **kwargs):
             calls.append(_name)
+            copies.extend(_name for array in xla_arguments[_name](args) if not in_xla_memory(array))
             return _kernel(*args, **kwargs)
 
         setattr(cuda_kernels, name, counted)
@@ -195,6 +229,7 @@ def simulate(out: str) -> None:
             results[f"{case.name}/{key}"] = value
     for name in ("normalise", "lattice_forward", "lattice_backward", "gradient"):
         results[f"calls/{name}"] = np.array(calls.count(name))
+    results["copies"] = np.array(copies, dtype=str)
     # traced bad labels: the GPU branch checks them before a kernel reads with them
     case = CASES[0]
     a = case.arrays()
@@ -242,9 +277,8 @@ def test_cpu_branch_equals_the_reference(case):
                                            fastemit_lambda=case.fastemit_lambda)
         g = a["grad_loss"][i].astype(np.float64)
         expected = grads * (g[:, None, None, None] if case.reduction == "none" else g)
-        f64 = case.dtype == "float64"
-        np.testing.assert_allclose(got["loss"][i], costs, rtol=1e-12 if f64 else 1e-6)
-        np.testing.assert_allclose(got["grads"][i], expected, atol=1e-12 if f64 else 1e-6, rtol=0)
+        assert_close(got["loss"][i], costs, case.dtype, 1e-6)
+        assert_close(got["grads"][i], expected, case.dtype, 1e-6, ulps=1)
         assert np.abs(got["grads"][i]).max() > 0
 
 
@@ -256,14 +290,12 @@ def test_gpu_branch_equals_the_cpu_branch(simulated, case):
     normalisers and gradients is exactly zero."""
     expected = pipeline(case, lambda x: x)
     got = {key: simulated[f"{case.name}/{key}"] for key in expected}
-    f64 = case.dtype == "float64"
-    tol = dict(rtol=1e-12, atol=1e-12) if f64 else dict(rtol=2e-6, atol=2e-6)
     valid = _valid(case)
     for key in ("loss", "log_likelihood", "log_blank", "log_emit", "tile_grads", "grads"):
         assert not np.isnan(got[key]).any(), key
-        np.testing.assert_allclose(got[key], expected[key], **tol, err_msg=key)
+        assert_close(got[key], expected[key], case.dtype, 2e-6, key, ulps=2 if "grads" in key else 0)
     for key in ("alphas", "betas"):
-        np.testing.assert_allclose(got[key][valid], expected[key][valid], **tol, err_msg=key)
+        assert_close(got[key][valid], expected[key][valid], case.dtype, 2e-6, key)
     # log_norm holds each row's shift: on CUDA the row's own maximum (the CPU's is its frame's first row's)
     logits = case.arrays()["logits"]
     np.testing.assert_array_equal(got["log_norm"][valid], logits.max(axis=-1)[valid])
@@ -274,11 +306,13 @@ def test_gpu_branch_equals_the_cpu_branch(simulated, case):
 
 
 @needs_numba_cuda
-def test_gpu_branch_ran_the_cuda_kernels_on_every_tile(simulated):
+def test_gpu_branch_runs_the_cuda_kernels_on_every_tile_on_xlas_buffers(simulated):
     tiles = sum(np.prod(jf._tile_grid(c.options())) * int(np.prod(c.lead)) for c in CASES)
     instances = sum(int(np.prod(c.lead)) for c in CASES)
     assert simulated["calls/normalise"] == simulated["calls/gradient"] == tiles > 2 * len(CASES)
     assert simulated["calls/lattice_forward"] == simulated["calls/lattice_backward"] == instances
+    # zero-copy: every array a kernel gets (but the tile's lengths, labels and scale, the costs) views XLA's buffers
+    assert simulated["copies"].tolist() == []
 
 
 @needs_numba_cuda
