@@ -40,7 +40,7 @@ from .jax import (_BatchSplit, _batch_split, _differentiable_once, _fold_gpu, _i
 from .kernels import cpu
 from .kernels import cuda as cuda_kernels
 from .reductions import gradient_scale, reduce_costs
-from .tiling import DEFAULT_TILE_BYTES
+from .tiling import default_tile_bytes
 from .validation import ArraySpec, LossShape, check_arguments, check_lengths_and_labels
 
 __all__ = ["fused_rnnt_loss"]
@@ -449,6 +449,14 @@ def _tile_sizes(B: int, T: int, U1: int, V: int, itemsize: int, tile_bytes: int)
     return tile_bytes // frame, 1
 
 
+def _runs_on_gpu(x) -> bool:
+    """Whether ``x`` is on a GPU; for a tracer (no device yet), whether JAX's default backend is a GPU."""
+    try:
+        return any(d.platform in ("gpu", "cuda", "rocm") for d in x.devices())
+    except Exception:  # a tracer (ConcretizationTypeError) or a numpy array
+        return jax.default_backend() in ("gpu", "cuda", "rocm")
+
+
 def fused_rnnt_loss(
     joint_fn: JointFn,
     params: Any,
@@ -473,7 +481,8 @@ def fused_rnnt_loss(
         params: any pytree of arrays; differentiable.
         encoder_out: ``(B, T, E)``, predictor_out: ``(B, U+1, P)``; differentiable.
         targets, logit_lengths, target_lengths, blank, clamp, reduction, fastemit_lambda: as ``rnnt_loss``.
-        tile_bytes: the most bytes one tile's logits take (default ``rnnt_xla.tiling.DEFAULT_TILE_BYTES``).
+        tile_bytes: the most bytes one tile's logits take (default ``rnnt_xla.tiling.default_tile_bytes``: 16 MB on
+            the CPU, 256 MB when ``encoder_out`` is on a GPU or, traced, JAX's default backend is one).
         batch_axis: as ``rnnt_loss``: the mesh axes that shard the batch, when the sharding of
             ``encoder_out`` does not say so (Auto axes under ``jit``); each device then runs its own shard.
 
@@ -488,7 +497,7 @@ def fused_rnnt_loss(
                          f"{tuple(predictor_out.shape)}")
     if not callable(joint_fn):
         raise TypeError(f"joint_fn must be callable, got {type(joint_fn).__name__}")
-    tile_bytes = DEFAULT_TILE_BYTES if tile_bytes is None else tile_bytes
+    tile_bytes = default_tile_bytes(_runs_on_gpu(encoder_out)) if tile_bytes is None else tile_bytes
     if isinstance(tile_bytes, bool) or not isinstance(tile_bytes, int) or tile_bytes < 1:
         raise ValueError(f"tile_bytes must be a positive int, got {tile_bytes!r}")
     B, T, E = encoder_out.shape
