@@ -4,10 +4,13 @@
 
 Runs the entry points (``cpu.forward``/``backward`` with ``rnnt_type``/``delay_penalty``,
 ``cpu_multiblank.forward``/``backward``) as an adapter does (fresh ``np.empty`` betas and gradient each
-call) and times every kernel they launch through ``cpu._launch``, with the thread count it chose. Works on
-any checkout whose kernels go through ``_launch`` (``PYTHONPATH=/old/tree`` for a before/after). Prints
-the minimum over ``--repeats`` rounds (ms; the machine is shared: the minimum is the least disturbed run)
-and writes them as JSON. Logits float32, full lengths, blank last, ``reduction='mean'`` scale, no FastEmit,
+call; ``--reuse``: one touched gradient buffer, no first-touch page faults) and times every kernel they
+launch through ``cpu._launch``, with the thread count it chose. Works on any checkout whose kernels go
+through ``_launch`` (``PYTHONPATH=/old/tree`` for a before/after). Prints the minimum over ``--repeats``
+rounds (ms; the machine is shared: the minimum is the least disturbed run) and writes them as JSON. On a
+busy machine compare ``NUMBA_NUM_THREADS=1 ... --clock thread`` (CPU time of the one computing thread).
+A process that compiles the kernels (the first after a source change) may time other code than one that
+loads them from Numba's cache: time the second run. Logits float32, full lengths, blank last, ``reduction='mean'`` scale, no FastEmit,
 no clamp; multi-blank: big blanks ``[2, 4, 8]`` added to the vocabulary, sigma 0.05.
 """
 
