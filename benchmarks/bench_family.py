@@ -61,7 +61,11 @@ IMPLS = {
 }
 REFERENCE = "rnnt_xla_torch"
 WARMUP_S = 0.5
-SPEED_GOAL = 10.0  # rnnt_xla_torch at least this many times faster than the best alternative
+SPEED_GOAL = 10.0  # rnnt_xla at least this many times faster than the best alternative
+# What a user of each framework has (issue 14 names HF's loss and a plain vectorised torch loss), and the
+# stricter comparison with the fastest implementation in any framework (plain JAX for TDT).
+TORCH_ALTERNATIVES = ("hf_transformers", "plain_torch")
+JAX_ALTERNATIVES = ("plain_jax",)
 MEMORY_GOAL = 1.25  # peak RSS growth of one fwd+bwd, in logits sizes ("about 1x": the gradient itself)
 
 Shape = tuple[int, int, int, int]
@@ -287,12 +291,18 @@ def targets(results: list[Result]) -> list[dict]:
         for shape in dict.fromkeys(tuple(r.shape) for r in results if r.loss == loss):
             rows = [r for r in results if r.loss == loss and tuple(r.shape) == shape]
             others = [r for r in rows if not r.impl.startswith("rnnt_xla") and r.median_s]
-            best = min(others, key=lambda r: r.median_s, default=None)
-            for impl in ("rnnt_xla_torch", "rnnt_xla_jax"):
+            for impl, among, what in (("rnnt_xla_torch", TORCH_ALTERNATIVES, "the best torch alternative"),
+                                      ("rnnt_xla_jax", JAX_ALTERNATIVES, "the best JAX alternative"),
+                                      ("rnnt_xla_torch", None, "the best alternative in any framework"),
+                                      ("rnnt_xla_jax", None, "the best alternative in any framework")):
+                pool = [r for r in others if among is None or r.impl in among]
+                best = min(pool, key=lambda r: r.median_s, default=None)
                 ours = next((r for r in rows if r.impl == impl and r.median_s), None)
-                speedup = best.median_s / ours.median_s if ours and best else None
-                out.append({"loss": loss, "shape": list(shape), "target": f"{impl}: speed-up over the best alternative",
-                            "best_alternative": best.impl if best else None, "value": speedup,
+                if best is None:
+                    continue
+                speedup = best.median_s / ours.median_s if ours else None
+                out.append({"loss": loss, "shape": list(shape), "target": f"{impl}: speed-up over {what}",
+                            "best_alternative": best.impl, "value": speedup,
                             "goal": f">= {SPEED_GOAL:g}", "met": None if speedup is None else speedup >= SPEED_GOAL})
             for r in rows:
                 if r.impl.startswith("rnnt_xla") and r.rss.get("rss_growth_bytes") is not None:

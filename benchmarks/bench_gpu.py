@@ -28,6 +28,10 @@ standard blank ``V - 1``), ``rnnt_type='modified'`` / ``'constrained'`` and ``de
 (TDT: with 5 duration columns appended), timed like the others; their ``x`` is the time over rnnt_xla_torch's
 (plain RNNT) and their losses, which differ from RNNT's by definition, are not compared.
 
+The JAX fused joint + loss (``rnnt_xla_jax_fused``; ``--no-jax-fused`` to leave it out):
+``rnnt_xla.jax.fused_rnnt_loss`` on the same logits through a joint that only reshapes them (:func:`jax_fused_loss`),
+so its loss is rnnt_loss's and its ``x`` is what the tiling costs. Skipped with a note when JAX has no GPU backend.
+
 Output: a table on the terminal, ``benchmarks/results/gpu_<gpu-name>.json`` (results and environment) and
 the same tables as ``.md``. Without a GPU it prints one line saying so (with ``python -m rnnt_xla doctor``'s
 verdict) and exits with status 0 (1 when a GPU is there but the driver fails to initialise).
@@ -63,8 +67,8 @@ from rich.table import Table  # noqa: E402
 
 from bench_cpu import Timing as CpuTiming  # noqa: E402
 from bench_cpu import _git_commit, _git_dirty, _version, parse_shape, summarise_timings  # noqa: E402
-from implementations import (BLANK, ITEMSIZE, ORDER, REFERENCE, Impl, Inputs, Prepared, Shape, load,  # noqa: E402
-                             make_inputs)
+from implementations import (BLANK, ITEMSIZE, ORDER, REFERENCE, Impl, Inputs, Prepared, Shape,  # noqa: E402
+                             _jax_prepare, load, make_inputs)
 from report import _mb, _ms, _ratio, _shape, _table, table_markdown  # noqa: E402
 from rnnt_xla.doctor import Findings, _probe_driver, diagnose  # noqa: E402
 
@@ -73,7 +77,9 @@ MODES = ("fwd_bwd", "fwd")
 # Least traffic of any loss, in logits sizes: fwd+bwd must read the logits (forward), read them again
 # (backward: the softmax is not kept) and write a gradient of the same size; forward only reads them once.
 LOGITS_PASSES = {"fwd_bwd": 3, "fwd": 1}
-JAX_IMPLS = ("rnnt_xla_jax", "plain_jax")
+# The fused joint + loss through rnnt_xla.jax, on the logits (see jax_fused_loss), when JAX has a GPU backend.
+JAX_FUSED = "rnnt_xla_jax_fused"
+JAX_IMPLS = ("rnnt_xla_jax", JAX_FUSED, "plain_jax")
 # The family losses through rnnt_xla.torch on CUDA: name -> (loss, keyword arguments); see the module docstring.
 TDT_DURATIONS = [0, 1, 2, 3, 4]
 BIG_BLANK_DURATIONS = [2, 4, 8]
@@ -93,6 +99,8 @@ FAMILY: dict[str, tuple[str, dict]] = {
 MEMORY_NEED: dict[str, tuple[float, int]] = {
     "rnnt_xla_torch": (1.0, 64),
     "rnnt_xla_jax": (1.0, 64),
+    # the logits as encoder_out: their gradient, its tiles before they are assembled, the grid-padded input
+    JAX_FUSED: (3.0, 96),
     "torchaudio": (2.0, 64),
     "plain_torch": (4.0, 64),
     "plain_jax": (4.5, 64),
@@ -604,6 +612,31 @@ def family_impl(name: str) -> Impl:
                                "(numba.cuda kernels)")
 
 
+def jax_fused_loss(logits, targets, logit_lengths, target_lengths):
+    """``rnnt_xla.jax.fused_rnnt_loss`` with a joint that only reshapes: ``encoder_out`` is the logits as
+    ``(B, T, (U+1)*V)`` (``predictor_out`` is ``(B, U+1, 1)`` zeros) and each tile's logits are its slice, so
+    the loss and its gradient w.r.t. the logits are ``rnnt_loss``'s and the time over rnnt_xla_jax's is what
+    the tiling costs (the tile loop, the padded grid, the per-tile callbacks), with no joint network to hide it."""
+    import jax.numpy as jnp
+
+    from rnnt_xla.jax import fused_rnnt_loss
+
+    B, T, U1, V = logits.shape
+
+    def joint(params, enc, pred):
+        return enc.reshape(enc.shape[0], enc.shape[1], U1, V)
+
+    return fused_rnnt_loss(joint, None, logits.reshape(B, T, U1 * V), jnp.zeros((B, U1, 1), logits.dtype), targets,
+                           logit_lengths, target_lengths, blank=BLANK, reduction="mean")
+
+
+def jax_fused_impl(device: str = "cuda") -> Impl:
+    """:func:`jax_fused_loss`, timed as the other JAX implementations (``implementations._jax_prepare``);
+    RuntimeError when JAX has no GPU backend."""
+    return Impl(JAX_FUSED, _jax_prepare(jax_fused_loss, device),
+                "rnnt_xla.jax.fused_rnnt_loss on the logits (a reshaping joint, default tile_bytes), under jax.jit")
+
+
 # --- main -----------------------------------------------------------------------------------------------
 
 
@@ -615,6 +648,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"implementations to run (default: all of {', '.join(ORDER)})")
     parser.add_argument("--family", nargs="*", choices=list(FAMILY), default=list(FAMILY), metavar="NAME",
                         help=f"family losses to time too (default: all of {', '.join(FAMILY)}; none: --family)")
+    parser.add_argument("--jax-fused", action=argparse.BooleanOptionalAction, default=True,
+                        help=f"also time {JAX_FUSED} (rnnt_xla.jax.fused_rnnt_loss on the logits; default: yes)")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per shape and mode (default: 10)")
     parser.add_argument("--warmup", type=int, default=3,
                         help="untimed calls before them, the first of which compiles (default: 3)")
@@ -658,6 +693,11 @@ def main(argv: list[str] | None = None) -> int:
                 impls[name] = family_impl(name)
             except Exception as exc:  # torch without CUDA: already noted for rnnt_xla_torch
                 note(f"skipping {name}: {_one_line(exc)}")
+        if args.jax_fused:
+            try:
+                impls[JAX_FUSED] = jax_fused_impl()
+            except Exception as exc:  # no JAX, or JAX without a GPU backend
+                note(f"skipping {JAX_FUSED}: {_one_line(exc)}")
     if not impls:
         console.print("[red]no implementation can run on the GPU (see the notes above)")
         return 1

@@ -12,6 +12,15 @@ Under ``jit`` the lengths are traced, so tiles are cut from the padded ``(B, T, 
 ``tile_b`` utterances by ``tile_t`` frames by all ``U+1`` label positions (the torch version, which sees the
 lengths, also trims padding). ``joint_fn`` must be pure (a dropout key in ``params`` or a closure gives the
 same mask in both passes).
+
+On a GPU the same callbacks get device buffers and run ``rnnt_xla.kernels.cuda``'s passes on XLA's stream
+(``ctx.stream``), on zero-copy views of XLA's buffers, as ``rnnt_loss`` does. A tile's kernels run on the
+whole tile, its padding rows as empty utterances (so the gradient kernel writes every entry); the gradient
+reads the tile's lattice values through strided views of the whole-batch arrays, so nothing is gathered.
+Per tile, the lengths and labels (``B*(W + 2)`` values, for the checks), the tile's offsets and in backward
+the incoming gradient come to the host, and the tile's lengths and gradient scale go back (``tile_b*(W + 3)``
+values, in Numba's memory: the callback waits for its kernels before returning). The forward lattice brings
+the ``B`` costs to the host for the shared reduction; the backward one runs on the device alone.
 """
 
 from __future__ import annotations
@@ -26,11 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 
-from .jax import (_BatchSplit, _batch_split, _differentiable_once, _is_concrete, _keep_off_the_fast_path,
-                  _mark_varying, _mesh_size, _resharded)
+from .jax import (_BatchSplit, _batch_split, _differentiable_once, _fold_gpu, _is_concrete, _keep_off_the_fast_path,
+                  _mark_varying, _mesh_size, _on_gpu, _resharded)
 from .kernels import cpu
+from .kernels import cuda as cuda_kernels
 from .reductions import gradient_scale, reduce_costs
-from .tiling import DEFAULT_TILE_BYTES
+from .tiling import default_tile_bytes
 from .validation import ArraySpec, LossShape, check_arguments, check_lengths_and_labels
 
 __all__ = ["fused_rnnt_loss"]
@@ -57,13 +67,27 @@ def _f64(buffer) -> np.ndarray:
     return np.asarray(buffer).view(np.float64)[..., 0]
 
 
+def _f64_gpu(view):
+    """:func:`_f64` for a Numba device view of a GPU buffer: a zero-copy float64 view."""
+    return cuda_kernels.device_view(view, tuple(view.shape[:-1]), np.float64)
+
+
 def _f64_type(shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(shape) + (2,), jnp.uint32)
+
+
+def _loss_shape(options: _Options) -> tuple[int, ...]:
+    return (options.shape.batch,) if options.reduction == "none" else ()
 
 
 def _indices(*buffers) -> list[np.ndarray]:
     """int64 copies of index buffers (the kernels are compiled for int64)."""
     return [np.asarray(a).astype(np.int64) for a in buffers]
+
+
+def _host_indices(stream: int, *views) -> list[np.ndarray]:
+    """:func:`_indices` of GPU views: host copies (each a copy on XLA's stream and a wait)."""
+    return [cuda_kernels.to_host(v, stream).astype(np.int64) for v in views]
 
 
 def _instances(buffers, ranks):
@@ -75,12 +99,50 @@ def _instances(buffers, ranks):
         yield [a[index + (Ellipsis,)] for a in arrays]  # with the Ellipsis a 0-d result is a view too
 
 
+def _gpu_instances(buffers, ranks):
+    """:func:`_instances` for GPU buffers: Numba device views (bfloat16 as its int16 bits), a 0-d one as a
+    ``(1,)`` view (device arrays index to views with slices only)."""
+    views = [_fold_gpu(b, rank) for b, rank in zip(buffers, ranks)]  # leading axes folded into one
+    for i in range(views[0].shape[0]):
+        yield [v[i] if v.ndim > 1 else v[i:i + 1] for v in views]
+
+
+def _each_instance(ctx, buffers, ranks, on_host, on_gpu) -> None:
+    """``on_host(*arrays)`` for each instance (:func:`_instances`), or when the buffers are in GPU memory
+    ``on_gpu(ctx.stream, *views)`` (:func:`_gpu_instances`), in their GPU's context. The last buffer (an input,
+    as in ``rnnt_xla.jax``) says where they are."""
+    if not _on_gpu(buffers[-1]):
+        for arrays in _instances(buffers, ranks):
+            on_host(*arrays)
+        return
+    with cuda_kernels.on_device(buffers[-1].__dlpack_device__()[1]):
+        for views in _gpu_instances(buffers, ranks):
+            on_gpu(ctx.stream, *views)
+
+
 def _tile_rows(options: _Options, offsets) -> tuple[slice, int, int]:
     """The tile's utterances (a slice of the batch; the last tile may reach into padding), its first frame
     and how many of its rows are real utterances."""
     b0, t0 = (int(v) for v in np.asarray(offsets))
     rows = slice(b0, min(b0 + options.tile_b, options.shape.batch))
     return rows, t0, rows.stop - rows.start
+
+
+def _tile_indices(rows: slice, t0: int, targets, frames, labels) -> list[np.ndarray]:
+    """The tile's utterances' labels, frame counts from the tile's first frame and target lengths."""
+    return [targets[rows], frames[rows] - t0, labels[rows]]
+
+
+def _gpu_tile_indices(options: _Options, stream: int, rows: slice, t0: int, host, like) -> list:
+    """:func:`_tile_indices` on the GPU, padded with empty utterances to ``tile_b`` rows (the kernels then
+    skip the padding rows, or write them with exact zeros), in the dtypes of the views ``like``. Numba's
+    memory: the caller synchronises the stream before it returns."""
+    padded = []
+    for part, view in zip(_tile_indices(rows, t0, *host), like):
+        a = np.zeros((options.tile_b,) + part.shape[1:], dtype=view.dtype)
+        a[:len(part)] = part
+        padded.append(cuda_kernels.to_device(a, stream))
+    return padded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +155,7 @@ class _TileNormalisers:
     options: _Options
 
     def __call__(self, ctx, out, *inputs) -> None:
-        for arrays in _instances([*out, *inputs], (3, 4, 4, 4, 2, 1, 1, 1)):
-            self.one(*arrays)
+        _each_instance(ctx, [*out, *inputs], (3, 4, 4, 4, 2, 1, 1, 1), self.one, self.one_gpu)
 
     def one(self, log_norm, log_blank, log_emit, logits_buf, targets_buf, frames_buf, labels_buf, offsets_buf):
         options = self.options
@@ -105,8 +166,22 @@ class _TileNormalisers:
             a[...] = 0
         blank_f64, emit_f64 = _f64(log_blank), _f64(log_emit)
         part = cpu.Residuals(log_norm[:n], blank_f64[:n], emit_f64[:n], None, None)  # pass 1 writes these
-        cpu.normalise(cpu.as_kernel_array(np.asarray(logits_buf))[:n], targets[rows], frames[rows] - t0,
-                      labels[rows], options.shape.blank, True, part)
+        cpu.normalise(cpu.as_kernel_array(np.asarray(logits_buf))[:n], *_tile_indices(rows, t0, targets, frames,
+                      labels), options.shape.blank, True, part)
+
+    def one_gpu(self, stream, log_norm, log_blank, log_emit, logits, targets_buf, frames_buf, labels_buf,
+                offsets_buf):
+        """:meth:`one` on the GPU: the kernel runs on the whole tile, its padding rows empty utterances."""
+        options = self.options
+        host = _host_indices(stream, targets_buf, frames_buf, labels_buf)
+        check_lengths_and_labels(*host, options.shape)
+        rows, t0, _ = _tile_rows(options, cuda_kernels.to_host(offsets_buf, stream))
+        part = cpu.Residuals(log_norm, _f64_gpu(log_blank), _f64_gpu(log_emit), None, None)
+        for a in part[:3]:  # the kernel skips the padding rows and cells
+            cuda_kernels.fill(a, 0.0, stream)
+        indices = _gpu_tile_indices(options, stream, rows, t0, host, (targets_buf, frames_buf, labels_buf))
+        cuda_kernels.normalise(logits, *indices, options.shape.blank, True, part, stream)
+        cuda_kernels.synchronize(stream)  # before Numba frees the tile's indices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,9 +191,8 @@ class _Lattice:
     options: _Options
 
     def __call__(self, ctx, out, *inputs) -> None:
-        loss_rank = 1 if self.options.reduction == "none" else 0
-        for arrays in _instances([*out, *inputs], (loss_rank, 4, 2, 4, 4, 1, 1)):
-            self.one(*arrays)
+        loss_rank = len(_loss_shape(self.options))
+        _each_instance(ctx, [*out, *inputs], (loss_rank, 4, 2, 4, 4, 1, 1), self.one, self.one_gpu)
 
     def one(self, loss, alphas, log_likelihood, log_blank_buf, log_emit_buf, frames_buf, labels_buf) -> None:
         options = self.options
@@ -128,6 +202,19 @@ class _Lattice:
         cpu.lattice_forward(frames, labels, options.fastemit_lambda, residuals, costs)
         reduce_costs(costs[None], labels[None], options.reduction, np.asarray(loss)[None], options.mean_batch)
 
+    def one_gpu(self, stream, loss, alphas, log_likelihood, log_blank, log_emit, frames_buf, labels_buf) -> None:
+        """:meth:`one` on the GPU: the ``B`` costs and the target lengths come to the host for the reduction."""
+        options = self.options
+        costs = cuda_kernels.empty((options.shape.batch,), loss.dtype, stream)
+        residuals = cpu.Residuals(None, _f64_gpu(log_blank), _f64_gpu(log_emit), _f64_gpu(alphas),
+                                  _f64_gpu(log_likelihood))
+        cuda_kernels.lattice_forward(frames_buf, labels_buf, options.fastemit_lambda, residuals, costs, stream)
+        labels, = _host_indices(stream, labels_buf)
+        reduced = np.empty(_loss_shape(options), dtype=loss.dtype)
+        reduce_costs(cuda_kernels.to_host(costs, stream)[None], labels[None], options.reduction, reduced[None],
+                     options.mean_batch)
+        cuda_kernels.copy_from_host(reduced, loss, stream)
+
 
 @dataclasses.dataclass(frozen=True)
 class _Betas:
@@ -136,13 +223,17 @@ class _Betas:
     options: _Options
 
     def __call__(self, ctx, out, *inputs) -> None:
-        for arrays in _instances([out, *inputs], (4, 4, 4, 1, 1)):
-            self.one(*arrays)
+        _each_instance(ctx, [out, *inputs], (4, 4, 4, 1, 1), self.one, self.one_gpu)
 
     def one(self, betas, log_blank_buf, log_emit_buf, frames_buf, labels_buf) -> None:
         frames, labels = _indices(frames_buf, labels_buf)
         residuals = cpu.Residuals(None, _f64(log_blank_buf), _f64(log_emit_buf), None, None)
         cpu.lattice_backward(frames, labels, residuals, _f64(betas))
+
+    def one_gpu(self, stream, betas, log_blank, log_emit, frames_buf, labels_buf) -> None:
+        """:meth:`one` on the GPU (nothing crosses to the host)."""
+        residuals = cpu.Residuals(None, _f64_gpu(log_blank), _f64_gpu(log_emit), None, None)
+        cuda_kernels.lattice_backward(frames_buf, labels_buf, residuals, _f64_gpu(betas), stream)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,9 +244,9 @@ class _TileGradients:
     options: _Options
 
     def __call__(self, ctx, out, *inputs) -> None:
-        loss_rank = 1 if self.options.reduction == "none" else 0
-        for arrays in _instances([out, *inputs], (4, 4, 2, 1, 1, 1, 3, 4, 4, 4, 4, 2, loss_rank)):
-            self.one(*arrays)
+        loss_rank = len(_loss_shape(self.options))
+        _each_instance(ctx, [out, *inputs], (4, 4, 2, 1, 1, 1, 3, 4, 4, 4, 4, 2, loss_rank), self.one,
+                       self.one_gpu)
 
     def one(self, grads_buf, logits_buf, targets_buf, frames_buf, labels_buf, offsets_buf, log_norm_buf,
             log_blank_buf, log_emit_buf, alphas_buf, betas_buf, log_likelihood_buf, grad_loss_buf) -> None:
@@ -178,10 +269,32 @@ class _TileGradients:
         tile_betas[:, :min(t1 + 1, T) - t0] = betas[rows, t0:t1 + 1]
         logits = np.ascontiguousarray(cpu.as_kernel_array(np.asarray(logits_buf))[:n, :t1 - t0])
         out = np.empty_like(logits)
-        cpu.gradient(logits, targets[rows], frames[rows] - t0, labels[rows], options.shape.blank, True,
+        cpu.gradient(logits, *_tile_indices(rows, t0, targets, frames, labels), options.shape.blank, True,
                      options.fastemit_lambda, options.clamp, scale[rows],
                      cpu.Residuals(*residuals, _f64(log_likelihood_buf)[rows]), tile_betas, out)
         grads[:n, :t1 - t0] = out
+
+    def one_gpu(self, stream, grads, logits, targets_buf, frames_buf, labels_buf, offsets_buf, log_norm, log_blank,
+                log_emit, alphas, betas, log_likelihood, grad_loss) -> None:
+        """:meth:`one` on the GPU: the kernel runs on the whole tile (its padding rows empty utterances, so
+        every entry of the gradient is written) and reads the tile's lattice values through strided views of
+        the whole-batch arrays (no gather). The lengths, labels and incoming gradient come to the host for
+        the gradient scale; the tile's lengths and scale go back (``tile_b`` values each)."""
+        options = self.options
+        host = _host_indices(stream, targets_buf, frames_buf, labels_buf)
+        rows, t0, n = _tile_rows(options, cuda_kernels.to_host(offsets_buf, stream))
+        frames = slice(t0, t0 + options.tile_t)  # cut at T by the views
+        grad_loss_host = cuda_kernels.to_host(grad_loss, stream).reshape(_loss_shape(options))
+        batch_scale = gradient_scale(grad_loss_host[None], host[2][None], options.reduction, options.mean_batch)[0]
+        scale = np.zeros(options.tile_b)
+        scale[:n] = batch_scale[rows]
+        residuals = cpu.Residuals(*(a[rows, frames] for a in (log_norm, _f64_gpu(log_blank), _f64_gpu(log_emit),
+                                                               _f64_gpu(alphas))), _f64_gpu(log_likelihood)[rows])
+        tile_betas = _f64_gpu(betas)[rows, t0:frames.stop + 1]  # one frame more: betas[t + 1] of the last
+        indices = _gpu_tile_indices(options, stream, rows, t0, host, (targets_buf, frames_buf, labels_buf))
+        cuda_kernels.gradient(logits, *indices, options.shape.blank, True, options.fastemit_lambda, options.clamp,
+                              cuda_kernels.to_device(scale, stream), residuals, tile_betas, grads, stream)
+        cuda_kernels.synchronize(stream)  # before Numba frees the tile's indices and scale
 
 
 _SECOND_ORDER = ("rnnt_xla.jax.fused_rnnt_loss can be differentiated once, in reverse mode (jax.grad, jax.vjp, "
@@ -208,9 +321,8 @@ def _lattice(options: _Options, log_blank, log_emit, frames, labels):
     """Pass 2 over the batch (:class:`_Lattice`): ``(loss, alphas, log_likelihood)``."""
     B, T, U1 = options.shape.batch, options.shape.max_frames, options.shape.max_labels + 1
     compute = cpu.compute_dtype(np.dtype(options.logits_dtype))
-    loss_shape = (B,) if options.reduction == "none" else ()
     run = buffer_callback(_Lattice(options), (
-        jax.ShapeDtypeStruct(loss_shape, compute), _f64_type((B, T, U1)), _f64_type((B,))),
+        jax.ShapeDtypeStruct(_loss_shape(options), compute), _f64_type((B, T, U1)), _f64_type((B,))),
         vmap_method="broadcast_all")
     inputs = (log_blank, log_emit, frames, labels)
     return _mark_varying(run(*inputs), inputs)
@@ -337,6 +449,14 @@ def _tile_sizes(B: int, T: int, U1: int, V: int, itemsize: int, tile_bytes: int)
     return tile_bytes // frame, 1
 
 
+def _runs_on_gpu(x) -> bool:
+    """Whether ``x`` is on a GPU; for a tracer (no device yet), whether JAX's default backend is a GPU."""
+    try:
+        return any(d.platform in ("gpu", "cuda", "rocm") for d in x.devices())
+    except Exception:  # a tracer (ConcretizationTypeError) or a numpy array
+        return jax.default_backend() in ("gpu", "cuda", "rocm")
+
+
 def fused_rnnt_loss(
     joint_fn: JointFn,
     params: Any,
@@ -361,7 +481,8 @@ def fused_rnnt_loss(
         params: any pytree of arrays; differentiable.
         encoder_out: ``(B, T, E)``, predictor_out: ``(B, U+1, P)``; differentiable.
         targets, logit_lengths, target_lengths, blank, clamp, reduction, fastemit_lambda: as ``rnnt_loss``.
-        tile_bytes: the most bytes one tile's logits take (default ``rnnt_xla.tiling.DEFAULT_TILE_BYTES``).
+        tile_bytes: the most bytes one tile's logits take (default ``rnnt_xla.tiling.default_tile_bytes``: 16 MB on
+            the CPU, 256 MB when ``encoder_out`` is on a GPU or, traced, JAX's default backend is one).
         batch_axis: as ``rnnt_loss``: the mesh axes that shard the batch, when the sharding of
             ``encoder_out`` does not say so (Auto axes under ``jit``); each device then runs its own shard.
 
@@ -376,7 +497,7 @@ def fused_rnnt_loss(
                          f"{tuple(predictor_out.shape)}")
     if not callable(joint_fn):
         raise TypeError(f"joint_fn must be callable, got {type(joint_fn).__name__}")
-    tile_bytes = DEFAULT_TILE_BYTES if tile_bytes is None else tile_bytes
+    tile_bytes = default_tile_bytes(_runs_on_gpu(encoder_out)) if tile_bytes is None else tile_bytes
     if isinstance(tile_bytes, bool) or not isinstance(tile_bytes, int) or tile_bytes < 1:
         raise ValueError(f"tile_bytes must be a positive int, got {tile_bytes!r}")
     B, T, E = encoder_out.shape

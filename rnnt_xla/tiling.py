@@ -15,15 +15,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DEFAULT_TILE_BYTES", "Tile", "plan_tiles"]
+__all__ = ["DEFAULT_TILE_BYTES", "DEFAULT_CUDA_TILE_BYTES", "default_tile_bytes", "Tile", "plan_tiles"]
 
-# Large enough for the joint's matrix products to run at full speed (a 32 MB tile of V=1024 float32 logits is
-# 8K (b, t, u) rows, an (8K, joint_dim) @ (joint_dim, V) product), small enough that a fwd+bwd's peak - six to
-# nine tiles' worth: the tile's logits, their gradient and the joint's activations - stays about a tenth of the
-# unfused peak at the sizes that need fusing. Measured (benchmarks/results/joint_vm_mid_tiles.md, joint_tiles_vm.md)
-# at (16, 300, 80, 512, 1024): peak RSS growth 0.58 / 0.40 / 0.18 GB with 64 / 32 / 16 MB tiles against 4.01 GB
-# unfused; round-robin step time 1.25x / 1.38x / 1.47x unfused (medians on a shared 2-core VM).
-DEFAULT_TILE_BYTES = 32 << 20
+# CPU: a tile whose logits stay in the caches is cheaper to normalise and to write the gradient of, and the
+# joint's products still run at full speed (a 16 MB tile of V=1024 float32 logits is 4K (b, t, u) rows, a
+# (4K, joint_dim) @ (joint_dim, V) product). A fwd+bwd's peak is six to nine tiles' worth (the tile's logits,
+# their gradient and the joint's activations). Measured on a quiet 2-core Xeon (benchmarks/results/
+# joint_tiles_vm_quiet.md, joint_vm_mid_quiet.md): step time vs unfused 0.75x / 0.78x / 0.88x / 0.88x with
+# 8 / 16 / 32 / 64 MB tiles at (4, 300, 80, 512, 1024); at (16, 300, 80, 512, 1024) 1.02x and 1/21 of the
+# unfused peak RSS with 16 MB, 1.21x and 1/10.3 with 32 MB.
+DEFAULT_TILE_BYTES = 16 << 20
+# CUDA: a GPU needs far larger products to be busy, and each tile costs a few kernel launches and host-side
+# work; not yet measured on a GPU (none was lent), so a guess: 256 MB, about 1/20 of an H200's 141 GB.
+DEFAULT_CUDA_TILE_BYTES = 256 << 20
+
+
+def default_tile_bytes(on_gpu: bool) -> int:
+    """The ``tile_bytes`` the fused losses use when the caller gives none: CPU or CUDA."""
+    return DEFAULT_CUDA_TILE_BYTES if on_gpu else DEFAULT_TILE_BYTES
 
 
 @dataclass(frozen=True)

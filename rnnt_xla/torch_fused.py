@@ -30,7 +30,7 @@ from .kernels import cpu
 from .kernels import cuda as cuda_kernels
 from .torch import _TORCH_DTYPES, _as_index_array, _compute_dtype, _cuda_kernel_view, _logits_for_kernels
 from .reductions import gradient_scale, reduce_costs
-from .tiling import DEFAULT_TILE_BYTES, Tile, plan_tiles
+from .tiling import Tile, default_tile_bytes, plan_tiles
 from .validation import ArraySpec, LossShape, check_arguments, check_lengths_and_labels
 
 __all__ = ["fused_rnnt_loss", "FusedRNNTLoss", "Joint", "COMPILE_NOTE"]
@@ -373,7 +373,8 @@ def fused_rnnt_loss(
             ones) gets its gradient. It is called on tiles (slices of the batch, frame and label-position
             axes), twice per tile when a gradient is wanted, with the same random state both times.
         targets, logit_lengths, target_lengths, blank, clamp, reduction, fastemit_lambda: as ``rnnt_loss``.
-        tile_bytes: the most bytes one tile's logits take (default ``rnnt_xla.tiling.DEFAULT_TILE_BYTES``).
+        tile_bytes: the most bytes one tile's logits take (default ``rnnt_xla.tiling.default_tile_bytes``: 16 MB on
+            the CPU, 256 MB on CUDA).
 
     Returns:
         As ``rnnt_loss``; differentiable w.r.t. ``encoder_out``, ``predictor_out`` and the joint's parameters.
@@ -433,7 +434,7 @@ def _fused_rnnt_loss(encoder_out: torch.Tensor, predictor_out: torch.Tensor, joi
     if not callable(joint):
         raise TypeError(f"joint must be callable (an nn.Module or a function), got {type(joint).__name__}")
     if tile_bytes is None:
-        tile_bytes = DEFAULT_TILE_BYTES
+        tile_bytes = default_tile_bytes(encoder_out.device.type == "cuda")
     if isinstance(tile_bytes, bool) or not isinstance(tile_bytes, int) or tile_bytes < 1:
         raise ValueError(f"tile_bytes must be a positive int, got {tile_bytes!r}")
     B, T, _ = encoder_out.shape

@@ -213,6 +213,30 @@ def test_family_implementations_run_their_loss(bench, monkeypatch, name):
         assert abs(float(plain) - loss) > 1e-6
 
 
+def test_jax_fused_loss_is_rnnt_loss_on_the_same_logits(bench, monkeypatch):
+    """The fused implementation's reshaping joint gives rnnt_loss's value and logits gradient (JAX on the CPU,
+    several tiles), and its Impl runs through the JAX timing harness."""
+    jax = pytest.importorskip("jax")
+    import implementations
+    import numpy as np
+
+    from rnnt_xla import jax_fused
+    from rnnt_xla.jax import rnnt_loss
+
+    inputs = implementations.make_inputs((3, 7, 4, 6))
+    arrays = implementations.jax_arrays(inputs, "cpu")
+    monkeypatch.setattr(jax_fused, "DEFAULT_TILE_BYTES", 2 * 5 * 6 * 4)  # one frame of two utterances a tile
+    value, grad = jax.value_and_grad(bench.jax_fused_loss)(*arrays)
+    prepared = bench.jax_fused_impl("cpu").prepare(inputs)
+    expected, expected_grad = jax.value_and_grad(
+        lambda x: rnnt_loss(x, *arrays[1:], blank=implementations.BLANK, reduction="mean"))(arrays[0])
+    assert float(value) == pytest.approx(float(expected), rel=1e-6)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(expected_grad), atol=1e-6)
+    assert (prepared.fwd_bwd(), prepared.fwd()) == pytest.approx((float(expected),) * 2, rel=1e-6)
+    assert bench.JAX_FUSED in bench.JAX_IMPLS and bench.JAX_FUSED in bench.MEMORY_NEED
+    assert bench.parse_args([]).jax_fused and not bench.parse_args(["--no-jax-fused"]).jax_fused
+
+
 def _markdown_rows(text: str) -> list[list[str]]:
     rows = [line for line in text.splitlines() if line.startswith("|")]
     return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[2:]]  # after header and rule

@@ -236,3 +236,29 @@ def test_flax_model_with_the_fused_loss_trains_under_jit():
         params, opt_state, loss = train_step(params, opt_state)
         losses.append(float(loss))
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_default_tile_bytes_is_the_cpu_default():
+    """Without ``tile_bytes`` the CPU default (16 MB) cuts the grid: (5, 40, 35, 1024) float32 logits are 28 MB,
+    whole frames of the batch are 717 KB, so tiles of 23 frames, 2 of them (one with 32 MB tiles)."""
+    from rnnt_xla.jax_fused import _runs_on_gpu
+
+    params, enc, pred, targets, frames, labels = problem(1, B=5, T=40, U=34, V=1024)
+    assert not _runs_on_gpu(enc)
+
+    from jax.extend.core import jaxprs_in_params
+
+    def scans(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "scan":
+                yield eqn.params["length"]
+            for sub in jaxprs_in_params(eqn.params):
+                yield from scans(sub)
+
+    def lengths_of_scans(tile_bytes):
+        def loss(e):
+            return fused_rnnt_loss(joint, params, e, pred, targets, frames, labels, blank=0, tile_bytes=tile_bytes)
+        return list(scans(jax.make_jaxpr(loss)(enc).jaxpr))
+
+    assert lengths_of_scans(None) == lengths_of_scans(16 << 20) == [2]
+    assert lengths_of_scans(32 << 20) == [1]

@@ -226,3 +226,19 @@ def test_empty_batch_and_autocast():
     for a, b in zip(got, expected):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, rtol=0.05, atol=0.02)
+
+
+def test_default_tile_bytes_is_the_cpu_default():
+    """Without ``tile_bytes`` a CPU batch is cut into tiles of at most ``DEFAULT_TILE_BYTES`` (16 MB) and no
+    fewer than needed: here 3 of 5.6 MB each (whole utterances: 2 + 2 + 1), not one 28 MB tile."""
+    from rnnt_xla.tiling import DEFAULT_CUDA_TILE_BYTES, DEFAULT_TILE_BYTES, default_tile_bytes
+
+    assert (DEFAULT_TILE_BYTES, DEFAULT_CUDA_TILE_BYTES) == (16 << 20, 256 << 20)
+    assert default_tile_bytes(False) == DEFAULT_TILE_BYTES and default_tile_bytes(True) == DEFAULT_CUDA_TILE_BYTES
+    B, T, U, V = 5, 40, 34, 1024  # one utterance's logits: 40 * 35 * 1024 * 4 bytes = 5.6 MB
+    enc, pred, targets, _, _ = problem(3, B, T, U, V, dtype=torch.float32)
+    frames, labels = torch.full((B,), T), torch.full((B,), U)
+    joint = Recording(joint_for(V, torch.float32))
+    fused_rnnt_loss(enc, pred, joint, targets, frames, labels, blank=0).backward()
+    calls = joint.shapes[1:]
+    assert calls[:len(calls) // 2] == [(2, T, U + 1, V), (2, T, U + 1, V), (1, T, U + 1, V)]

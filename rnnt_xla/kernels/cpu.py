@@ -37,7 +37,9 @@ from typing import NamedTuple
 import numpy as np
 
 from . import threads
-from .numba_startup import import_arraymath_without_scipy, paused_garbage_collector
+from .numba_startup import drop_stale_caches, import_arraymath_without_scipy, paused_garbage_collector
+
+drop_stale_caches()  # before any kernel of the package is loaded from Numba's cache
 
 with paused_garbage_collector():  # Numba's import is part of its start-up (see numba_startup)
     import numba
@@ -345,11 +347,12 @@ def betas(log_blank, log_emit, logit_lengths, target_lengths, out):
                     beta[t, u] = _log_add(beta[t + 1, u] + blank[t, u], beta[t, u + 1] + emit[t, u])
 
 
-# A row whose gradient entries are all below this in magnitude (``occupancy * scale``: a row far from every
-# likely alignment) would mostly get float32 subnormal products exp(x - shift) * weight, each of which costs
-# the CPU a microcode assist (such rows made the gradient pass of a TDT problem 1.5x slower). Its entries are
-# computed as exp(x - shift + log(weight)) instead: exactly 0 below float32's normal range, otherwise within
-# about 1e-5 relative (the rounding of the summed exponent) of the product, below 1e-24 in absolute terms.
+# A float32 row whose gradient entries are all below this in magnitude (``occupancy * scale``: a row far from
+# every likely alignment) but not all below the normal range (those get 0) would still get mostly subnormal
+# products exp(x - shift) * weight, each a microcode assist (such rows made the gradient pass of a TDT problem
+# 1.5x slower). Its entries are computed as exp(x - shift + log(weight)) instead: 0 below float32's normal
+# range, otherwise within about 1e-5 relative (the rounding of the summed exponent) of the product, below
+# 1e-24 in absolute terms.
 _TINY_GRADIENT = 2.0**-64
 
 
@@ -366,41 +369,51 @@ def _write_row_gradient(row, g, blank, label, has_label, fused_log_softmax, shif
     The gradient w.r.t. the log-probabilities is ``-p_blank`` at the blank and ``-emit`` at the label (both
     when they coincide); through the fused log-softmax every entry also gets ``softmax_v * (p_blank + emit)``,
     with ``softmax_v = exp(x_v - shift) / sum`` (the blank and label entries from the lattice's
-    log-probabilities).
+    log-probabilities). A row whose ``|p_blank + emit| * |scale|`` is below the smallest normal number of the
+    compute dtype gets 0 there instead (every such product would be subnormal); a float32 row below
+    ``_TINY_GRADIENT`` gets ``exp(x_v - shift + log(weight))`` (the same, without subnormal products).
     """
     V = row.shape[0]
     limit = clamp if clamp > 0 else np.inf
     if fused_log_softmax:
         occupancy = p_blank + emit
-        # softmax = exp(x - shift) / sum: x - shift is exact-ish whatever the logits' common offset
-        # (the rounded log-sum-exp is not), see log_normalizers. exp(x - shift) cannot overflow:
-        # a shift shared by the frame is only kept for rows whose sum is at most _SUM_HIGH.
         lb = log_blank
-        if abs(lb) <= _PIVOT_LIMIT:  # log(sum) = (x_blank - shift) - log_blank
-            inv_sum = math.exp(-_log_prob(load(row, blank), shift, lb))
-        else:  # a masked or hopeless blank (rare): the row's own maximum and sum
-            shift = _row_max(row)
-            inv_sum = 1.0 / np.float64(_sum_of_exp(row, shift, like))
-        if clamp > 0:
-            occ = cast_like(occupancy * inv_sum, like)
-            lim = cast_like(limit, like)
-            sc = cast_like(scale, like)
+        if abs(occupancy * scale) < np.finfo(like.dtype).tiny:
+            # every entry's softmax_v * occupancy * scale (softmax_v <= 1), clamped or not, is below the
+            # normal range of the compute dtype: 0, as under flush-to-zero (JAX runs the callbacks so).
+            # Computed, each would be a subnormal product, a slow microcode assist on x86: rows far from
+            # the likely alignments took 10-15% of this pass at (16, 150, 40, 1024)
             for v in range(V):
-                x = fast_exp(load(row, v) - shift) * occ
-                x = lim if x > lim else x
-                x = -lim if x < -lim else x
-                store(g, v, x * sc)
-        else:  # the common case, one multiply per entry (10-15% faster pass)
-            weight = occupancy * inv_sum * scale
-            if abs(occupancy * scale) < _TINY_GRADIENT and cast_like(1e-300, like) == 0:  # float32, see there
+                store(g, v, 0.0)
+        else:
+            # softmax = exp(x - shift) / sum: x - shift is exact-ish whatever the logits' common offset
+            # (the rounded log-sum-exp is not), see log_normalizers. exp(x - shift) cannot overflow:
+            # a shift shared by the frame is only kept for rows whose sum is at most _SUM_HIGH.
+            if abs(lb) <= _PIVOT_LIMIT:  # log(sum) = (x_blank - shift) - log_blank
+                inv_sum = math.exp(-_log_prob(load(row, blank), shift, lb))
+            else:  # a masked or hopeless blank (rare): the row's own maximum and sum
+                shift = _row_max(row)
+                inv_sum = 1.0 / np.float64(_sum_of_exp(row, shift, like))
+            if clamp > 0:
+                occ = cast_like(occupancy * inv_sum, like)
+                lim = cast_like(limit, like)
+                sc = cast_like(scale, like)
+                for v in range(V):
+                    x = fast_exp(load(row, v) - shift) * occ
+                    x = lim if x > lim else x
+                    x = -lim if x < -lim else x
+                    store(g, v, x * sc)
+            elif abs(occupancy * scale) < _TINY_GRADIENT and np.finfo(like.dtype).tiny > 1e-300:
+                # float32 compute, entries below _TINY_GRADIENT: the weight joins the exponent (see there)
+                weight = occupancy * inv_sum * scale
                 log_weight = cast_like(math.log(abs(weight)), like)
                 sign = cast_like(1.0 if weight >= 0 else -1.0, like)
                 for v in range(V):
                     store(g, v, fast_exp(load(row, v) - shift + log_weight) * sign)
-            else:
-                w = cast_like(weight, like)
+            else:  # the common case, one multiply per entry (10-15% faster pass)
+                weight = cast_like(occupancy * inv_sum * scale, like)
                 for v in range(V):
-                    store(g, v, fast_exp(load(row, v) - shift) * w)
+                    store(g, v, fast_exp(load(row, v) - shift) * weight)
         # the blank and the label from the lattice's log-probabilities, exponentiated in the compute
         # dtype (a float32 exp is cheaper; its absolute error exp(lp) * |lp| * eps is at most eps)
         g_blank = math.exp(cast_like(lb, like)) * occupancy - p_blank

@@ -61,6 +61,9 @@ __all__ = [
     "empty",
     "to_host",
     "copy_from_host",
+    "to_device",
+    "fill",
+    "synchronize",
 ]
 
 # Threads per block: at least one warp; row kernels reduce through a shared array of _MAX_ROW_THREADS.
@@ -581,6 +584,42 @@ def copy_from_host(host: np.ndarray, out: Any, stream: Any = None) -> None:
     out = _device(out)
     # From pageable memory the copy is staged before the call returns, so ``host`` may be freed at once.
     out.copy_to_device(np.ascontiguousarray(host, dtype=out.dtype).reshape(out.shape), stream=_stream(stream))
+
+
+def to_device(host: np.ndarray, stream: Any = None) -> Any:
+    """A new Numba device array holding a copy of ``host``, enqueued on ``stream``. Numba frees it when it is
+    dropped: keep it, or :func:`synchronize` the stream, until the kernels that read it are done."""
+    out = empty(host.shape, host.dtype, stream)
+    copy_from_host(host, out, stream)
+    return out
+
+
+def synchronize(stream: Any = None) -> None:
+    """Wait for the work queued on ``stream`` (an int handle, a Numba stream or None)."""
+    _numba_cuda()
+    _synchronize(_stream(stream))
+
+
+def _fill(out, value):
+    """``out[i] = value`` for every element of the 1-D ``out``, one thread each (:func:`fill`)."""
+    i = cuda.grid(1)
+    if i < out.shape[0]:
+        out[i] = value
+
+
+@functools.cache
+def _fill_kernel() -> Any:
+    return _numba_cuda().jit(_fill)
+
+
+def fill(array: Any, value: float, stream: Any = None) -> None:
+    """Set every element of a C-contiguous float device array to ``value``. Asynchronous on ``stream``."""
+    _numba_cuda()
+    view = _device(array)
+    if view.size:
+        flat = view.reshape((view.size,))
+        threads = _threads(flat.size, _MAX_ROW_THREADS)
+        _fill_kernel()[-(-flat.size // threads), threads, _stream(stream)](flat, float(value))
 
 
 def normalise(logits: Any, targets: Any, logit_lengths: Any, target_lengths: Any, blank: int,
