@@ -225,7 +225,7 @@ def test_jax_fused_loss_is_rnnt_loss_on_the_same_logits(bench, monkeypatch):
 
     inputs = implementations.make_inputs((3, 7, 4, 6))
     arrays = implementations.jax_arrays(inputs, "cpu")
-    monkeypatch.setattr(jax_fused, "DEFAULT_TILE_BYTES", 2 * 5 * 6 * 4)  # one frame of two utterances a tile
+    monkeypatch.setattr(jax_fused, "default_tile_bytes", lambda on_gpu: 2 * 5 * 6 * 4)  # one frame of two utterances a tile
     value, grad = jax.value_and_grad(bench.jax_fused_loss)(*arrays)
     prepared = bench.jax_fused_impl("cpu").prepare(inputs)
     expected, expected_grad = jax.value_and_grad(

@@ -76,7 +76,7 @@ def _python_kernels(dtype: np.dtype) -> _Kernels:
 
     @cuda.jit(device=True, inline="always")
     def next_beta(betas, b, t, u, d, T_b, U_b, label):
-        """``beta`` of the state an arc of duration ``d`` from ``(t, u)`` reaches (``cpu_tdt._next_beta``)."""
+        """``beta`` of the state an arc of duration ``d`` from ``(t, u)`` reaches (the arc rules of ``cpu_tdt.betas``)."""
         n = t + d
         if label:
             return betas[b, n, u + 1] if (u < U_b and n < T_b) else neg_inf
