@@ -81,3 +81,32 @@ def random_problem(
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+def run_simulation(module: str, out: Path) -> dict[str, np.ndarray]:
+    """``<module>.simulate(out)`` (a test module's CUDA cases) in a subprocess under Numba's CUDA simulator,
+    which must be switched on before Numba is imported; returns the arrays it saved to ``out`` (``.npz``)."""
+    import subprocess
+    import sys
+
+    tests = Path(__file__).parent
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=os.pathsep.join(
+        [str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")]))
+    script = f"import {module} as t; t.simulate({str(out)!r})"
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return dict(np.load(out))
+
+
+def jax_gpu_device():
+    """The first JAX GPU device; skips the test when JAX has no GPU backend or Numba sees no GPU."""
+    jax = pytest.importorskip("jax")
+    from rnnt_xla.kernels import cuda as cuda_kernels
+
+    try:
+        devices = jax.devices("gpu")
+    except RuntimeError:
+        devices = []
+    if not devices or not cuda_kernels.available():
+        pytest.skip("no JAX GPU backend or no GPU")
+    return devices[0]

@@ -8,8 +8,6 @@ instead of CUDA tensors); both must equal the CPU passes. With a GPU, the last t
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_simulation
 from rnnt_xla.kernels import cpu
 from rnnt_xla.kernels import cuda as cuda_kernels
 from rnnt_xla.tiling import plan_tiles
@@ -140,13 +139,7 @@ def simulate(out: str) -> None:
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory) -> dict[str, np.ndarray]:
     pytest.importorskip("numba_cuda", reason="numba-cuda is not installed")
-    out = tmp_path_factory.mktemp("fused_cudasim") / "results.npz"
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=os.pathsep.join(
-        [str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
-    script = f"import test_fused_cuda as t; t.simulate({str(out)!r})"
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    return dict(np.load(out))
+    return run_simulation("test_fused_cuda", tmp_path_factory.mktemp("fused_cudasim") / "results.npz")
 
 
 def test_cuda_tile_passes_equal_the_cpu_tile_passes(simulated):

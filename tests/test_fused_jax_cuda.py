@@ -16,8 +16,6 @@ with a GPU, the fused loss runs for real against the unfused one.
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ import pytest
 
 jax = pytest.importorskip("jax")
 
+from conftest import jax_gpu_device, run_simulation  # noqa: E402
 from rnnt_xla import jax_fused as jf  # noqa: E402
 from rnnt_xla.kernels import cpu  # noqa: E402
 from rnnt_xla.kernels import cuda as cuda_kernels  # noqa: E402
@@ -249,13 +248,7 @@ def simulate(out: str) -> None:
 def simulated(tmp_path_factory) -> dict[str, np.ndarray]:
     if not HAVE_NUMBA_CUDA:
         pytest.skip("numba-cuda is not installed")
-    out = tmp_path_factory.mktemp("fused_jax_cudasim") / "results.npz"
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=os.pathsep.join(
-        [str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
-    script = f"import test_fused_jax_cuda as t; t.simulate({str(out)!r})"
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    return dict(np.load(out))
+    return run_simulation("test_fused_jax_cuda", tmp_path_factory.mktemp("fused_jax_cudasim") / "results.npz")
 
 
 def _valid(case: Case) -> np.ndarray:
@@ -339,19 +332,11 @@ def test_new_cuda_kernels_compile_to_ptx():
     assert ".target sm_90" in ptx and ".entry" in ptx and "bar.sync" in ptx
 
 
-def _jax_gpu():
-    try:
-        devices = jax.devices("gpu")
-    except RuntimeError:
-        devices = []
-    if not devices or not cuda_kernels.available():
-        pytest.skip("no JAX GPU backend or no GPU")
-    return devices[0]
 
 
 def test_fused_loss_on_the_gpu_equals_the_unfused_path():
     """With a GPU: the fused loss on device arrays (several tiles) against ``rnnt_loss(joint(...))``."""
-    gpu = _jax_gpu()
+    gpu = jax_gpu_device()
     import jax.numpy as jnp
 
     from rnnt_xla.jax import fused_rnnt_loss, rnnt_loss

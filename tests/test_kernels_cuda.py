@@ -13,7 +13,6 @@ each other).
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import Problem, random_problem
+from conftest import Problem, jax_gpu_device, random_problem, run_simulation
 from rnnt_xla.kernels import cpu
 from rnnt_xla.kernels import cuda as cuda_kernels
 from rnnt_xla.reference import log_softmax, rnnt_loss_reference
@@ -193,15 +192,10 @@ def simulate(out: str) -> None:
 
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory) -> dict[str, np.ndarray]:
-    out = tmp_path_factory.mktemp("cudasim") / "results.npz"
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=os.pathsep.join(
-        [str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
-    script = f"import test_kernels_cuda as t; t.simulate({str(out)!r})"
     start = time.perf_counter()
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
+    results = run_simulation("test_kernels_cuda", tmp_path_factory.mktemp("cudasim") / "results.npz")
     print(f"simulator: {len(SIMULATOR_CASES)} cases in {time.perf_counter() - start:.1f} s")
-    return dict(np.load(out))
+    return results
 
 
 def check_against_reference(case: Case, costs: np.ndarray, grads: np.ndarray, *, cost_rtol=None, grad_atol=None):
@@ -320,14 +314,7 @@ def _torch_cuda():
 
 
 def _jax_gpu():
-    jax = pytest.importorskip("jax")
-    try:
-        devices = jax.devices("gpu")
-    except RuntimeError:
-        devices = []
-    if not devices or not cuda_kernels.available():
-        pytest.skip("no JAX GPU backend or no GPU")
-    return jax, devices[0]
+    return pytest.importorskip("jax"), jax_gpu_device()
 
 
 TORCH_CASE = Case("adapters", 3, 20, 6, 50, blank=7, fastemit_lambda=0.01, clamp=0.5, threads=32)

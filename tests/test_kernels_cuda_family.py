@@ -14,8 +14,6 @@ against the CPU paths. With a GPU the kernel cases run on the device.
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from conftest import run_simulation
 from rnnt_xla import family
 from rnnt_xla.kernels import cuda as cuda_kernels
 from rnnt_xla.kernels import cuda_multiblank, cuda_tdt, cuda_variants
@@ -351,15 +350,10 @@ def simulate(out: str) -> None:
 
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory) -> dict[str, np.ndarray]:
-    out = tmp_path_factory.mktemp("cudasim_family") / "results.npz"
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=os.pathsep.join(
-        [str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
-    script = f"import test_kernels_cuda_family as t; t.simulate({str(out)!r})"
     start = time.perf_counter()
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
+    results = run_simulation("test_kernels_cuda_family", tmp_path_factory.mktemp("cudasim_family") / "results.npz")
     print(f"simulator: family cases in {time.perf_counter() - start:.1f} s")
-    return dict(np.load(out))
+    return results
 
 
 def check_against_reference(case: Case, costs: np.ndarray, grads: np.ndarray, grad_atol: float | None = None):
