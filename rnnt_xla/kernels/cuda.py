@@ -484,20 +484,29 @@ def jit_kernels(python_kernels, dtype: np.dtype):
     return type(kernels)(*(jit(f) for f in kernels))
 
 
+def c_array(dt, ndim: int):
+    """The Numba type of a C-contiguous array of element type ``dt``."""
+    from numba import types
+
+    return types.Array(dt, ndim, "C")
+
+
+def signature_types(dtype: np.dtype, index_dtype: np.dtype) -> tuple[Any, Any, tuple]:
+    """Numba types shared by every loss's kernel signatures: the logits' (and gradient's) element type, the
+    compute dtype (log-normalisers, costs), and ``(targets (B, W), logit_lengths (B,), target_lengths (B,))``."""
+    from numba.np.numpy_support import from_dtype
+
+    i = from_dtype(np.dtype(index_dtype))
+    return (from_dtype(np.dtype(dtype)), from_dtype(compute_dtype(dtype)),
+            (c_array(i, 2), c_array(i, 1), c_array(i, 1)))
+
+
 def kernel_signatures(dtype: np.dtype, index_dtype: np.dtype) -> _Kernels:
     """Numba signature of each kernel for C-contiguous arrays of the given logits and index dtypes."""
     from numba import types
-    from numba.np.numpy_support import from_dtype
 
-    f = from_dtype(np.dtype(dtype))  # logits and gradient
-    c = from_dtype(compute_dtype(dtype))  # log-normalisers and costs
-    i = from_dtype(np.dtype(index_dtype))
-    f64 = types.float64
-
-    def array(dt, ndim):
-        return types.Array(dt, ndim, "C")
-
-    indices = (array(i, 2), array(i, 1), array(i, 1))
+    f, c, indices = signature_types(dtype, index_dtype)
+    f64, array = types.float64, c_array
     grid = (array(c, 3), array(f64, 3), array(f64, 3))  # log_norm, log_blank, log_emit
     return _Kernels(
         log_normalizers=(array(f, 4), *indices, types.int64, types.boolean, *grid),

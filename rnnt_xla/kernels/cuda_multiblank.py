@@ -252,17 +252,10 @@ def _kernels(dtype: np.dtype) -> _Kernels:
 def kernel_signatures(dtype: np.dtype, index_dtype: np.dtype) -> _Kernels:
     """Numba signature of each multi-blank kernel for C-contiguous arrays of the given dtypes."""
     from numba import types
-    from numba.np.numpy_support import from_dtype
 
-    f = from_dtype(np.dtype(dtype))
-    c = from_dtype(_cuda.compute_dtype(dtype))
-    i = from_dtype(np.dtype(index_dtype))
+    f, c, indices = _cuda.signature_types(dtype, index_dtype)
     f64 = types.float64
-
-    def array(dt, ndim):
-        return types.Array(dt, ndim, "C")
-
-    indices = (array(i, 2), array(i, 1), array(i, 1))
+    array = _cuda.c_array
     grid, big, durations = array(f64, 3), array(f64, 4), array(types.int64, 1)
     return _Kernels(
         log_normalizers=(array(f, 4), *indices, types.int64, array(c, 3), grid, grid, big),

@@ -215,17 +215,10 @@ def _kernels(dtype: np.dtype) -> _Kernels:
 def kernel_signatures(dtype: np.dtype, index_dtype: np.dtype) -> _Kernels:
     """Numba signature of each variant kernel for C-contiguous arrays of the given logits and index dtypes."""
     from numba import types
-    from numba.np.numpy_support import from_dtype
 
-    f = from_dtype(np.dtype(dtype))
-    c = from_dtype(_cuda.compute_dtype(dtype))
-    i = from_dtype(np.dtype(index_dtype))
+    f, c, indices = _cuda.signature_types(dtype, index_dtype)
     f64, flag = types.float64, types.boolean
-
-    def array(dt, ndim):
-        return types.Array(dt, ndim, "C")
-
-    indices = (array(i, 2), array(i, 1), array(i, 1))
+    array = _cuda.c_array
     grid = array(f64, 3)
     return _Kernels(
         alphas_and_costs=(grid, grid, *indices[1:], f64, flag, flag, f64, grid, array(f64, 1), array(c, 1)),
