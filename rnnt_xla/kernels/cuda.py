@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -471,6 +471,18 @@ def _python_kernels(dtype: np.dtype) -> _Kernels:
 def _kernels(dtype: np.dtype) -> _Kernels:
     """The kernels of one logits dtype as lazily compiling ``cuda.jit`` dispatchers (cached)."""
     return jit_kernels(_python_kernels, dtype)
+
+
+def kernel_cache(python_kernels, bind: Callable[[], Any]) -> Callable[[np.dtype], Any]:
+    """``dtype -> jit_kernels(python_kernels, dtype)``, cached per dtype; ``bind()`` first binds the calling
+    module's ``cuda`` global, which its kernel functions read (see ``cuda``)."""
+
+    @functools.cache
+    def kernels(dtype: np.dtype):
+        bind()
+        return jit_kernels(python_kernels, dtype)
+
+    return kernels
 
 
 def jit_kernels(python_kernels, dtype: np.dtype):

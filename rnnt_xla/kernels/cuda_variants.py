@@ -17,7 +17,6 @@ variant's posteriors and every thread writes through :mod:`.cuda`'s shared row w
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, NamedTuple
 
@@ -205,11 +204,8 @@ def _python_kernels(dtype: np.dtype) -> _Kernels:
     return _Kernels(alphas_and_costs, betas, gradients)
 
 
-@functools.cache
-def _kernels(dtype: np.dtype) -> _Kernels:
-    """The variant kernels of one logits dtype as lazily compiling ``cuda.jit`` dispatchers (cached)."""
-    _numba_cuda()  # binds this module's ``cuda``, which the kernel functions read
-    return _cuda.jit_kernels(_python_kernels, dtype)
+# dtype -> the variant kernels of that logits dtype as lazily compiling ``cuda.jit`` dispatchers (cached)
+_kernels = _cuda.kernel_cache(_python_kernels, _numba_cuda)
 
 
 def kernel_signatures(dtype: np.dtype, index_dtype: np.dtype) -> _Kernels:
