@@ -357,6 +357,17 @@ _TINY_GRADIENT = 2.0**-64
 
 
 @njit(**_JIT)
+def _row_log_sum(row, blank, shift, log_blank, like):
+    """``(shift, log(sum_v exp(row[v] - shift)))`` of a row that pass 1 normalised, without summing it again:
+    ``log_sum = (x_blank - shift) - log_blank`` (see ``_PIVOT_LIMIT``); a row whose blank is masked or
+    hopeless (rare) takes its own maximum as the shift and sums again. ``like``: an array of the compute dtype."""
+    if abs(log_blank) <= _PIVOT_LIMIT:
+        return shift, _log_prob(load(row, blank), shift, log_blank)
+    own = _row_max(row)
+    return own, math.log(np.float64(_sum_of_exp(row, own, like)))
+
+
+@njit(**_JIT)
 def _write_row_gradient(row, g, blank, label, has_label, fused_log_softmax, shift, log_blank, log_emit,
                         p_blank, emit, clamp, scale, like):
     """The gradient of one row's cost w.r.t. its ``V`` logits (or log-probabilities), clamped and scaled.
@@ -389,11 +400,8 @@ def _write_row_gradient(row, g, blank, label, has_label, fused_log_softmax, shif
             # softmax = exp(x - shift) / sum: x - shift is exact-ish whatever the logits' common offset
             # (the rounded log-sum-exp is not), see log_normalizers. exp(x - shift) cannot overflow:
             # a shift shared by the frame is only kept for rows whose sum is at most _SUM_HIGH.
-            if abs(lb) <= _PIVOT_LIMIT:  # log(sum) = (x_blank - shift) - log_blank
-                inv_sum = math.exp(-_log_prob(load(row, blank), shift, lb))
-            else:  # a masked or hopeless blank (rare): the row's own maximum and sum
-                shift = _row_max(row)
-                inv_sum = 1.0 / np.float64(_sum_of_exp(row, shift, like))
+            shift, log_sum = _row_log_sum(row, blank, shift, lb, like)
+            inv_sum = math.exp(-log_sum)
             if clamp > 0:
                 occ = cast_like(occupancy * inv_sum, like)
                 lim = cast_like(limit, like)

@@ -30,8 +30,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import cpu
-from .cpu import (_JIT, _PIVOT_LIMIT, _beta_at, _cells, _launch, _log_prob, _normalise_frame, _row_max, _rows,
-                  _section, _serial_variant, _sum_of_exp, _write_row_gradient, njit, prange)
+from .cpu import (_JIT, _beta_at, _cells, _launch, _log_prob, _normalise_frame, _row_log_sum, _rows, _section,
+                  _serial_variant, _write_row_gradient, njit, prange)
 from .fast_math import cast_like, load, store
 
 __all__ = [
@@ -93,13 +93,7 @@ def log_normalizers(logits, targets, logit_lengths, target_lengths, blank, log_n
                          log_emit[b, t])
         for u in range(U_b + 1):
             row = logits[b, t, u]
-            shift = log_norm[b, t, u]
-            lb = log_blank[b, t, u]
-            if abs(lb) <= _PIVOT_LIMIT:
-                log_sum = _log_prob(load(row, blank), shift, lb)  # (x_blank - shift) - log_blank
-            else:
-                shift = _row_max(row)
-                log_sum = math.log(np.float64(_sum_of_exp(row, shift, log_norm)))
+            shift, log_sum = _row_log_sum(row, blank, log_norm[b, t, u], log_blank[b, t, u], log_norm)
             for i in range(K):
                 log_big[b, t, u, i] = _log_prob(load(row, blank - 1 - i), shift, log_sum)
 
