@@ -45,7 +45,7 @@ with paused_garbage_collector():  # Numba's import is part of its start-up (see 
     import numba
     from numba import njit, prange
 
-    from .fast_math import cast_like, fast_exp, fence, load, store
+    from .fast_math import cast_like, fast_exp, fence, load, store, wide_vectors
 
     import_arraymath_without_scipy()
 
@@ -178,6 +178,7 @@ def allocate_residuals(batch: int, frames: int, positions: int, dtype: np.dtype)
 def _row_max(row):
     """Maximum of a 1-d array (NaNs skipped). Eight independent running maxima let LLVM use one SIMD
     max per eight elements; a single running maximum is a serial dependency chain (2x slower here)."""
+    wide_vectors()
     V = row.shape[0]
     m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = load(row, 0)
     end = V - V % 8
@@ -202,6 +203,7 @@ def _row_max(row):
 @njit(**_JIT)
 def _sum_of_exp(row, shift, like):
     """``sum_v exp(row[v] - shift)`` in the compute dtype of ``like`` (vectorised: one fast_exp per entry)."""
+    wide_vectors()
     s = cast_like(0.0, like)
     c = cast_like(shift, like)
     for v in range(row.shape[0]):
@@ -384,6 +386,7 @@ def _write_row_gradient(row, g, blank, label, has_label, fused_log_softmax, shif
     compute dtype gets 0 there instead (every such product would be subnormal); a float32 row below
     ``_TINY_GRADIENT`` gets ``exp(x_v - shift + log(weight))`` (the same, without subnormal products).
     """
+    wide_vectors()
     V = row.shape[0]
     limit = clamp if clamp > 0 else np.inf
     if fused_log_softmax:

@@ -26,7 +26,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-__all__ = ["fast_exp", "fast_exp64", "cast_like", "load", "store", "fence"]
+__all__ = ["fast_exp", "fast_exp64", "cast_like", "load", "store", "fence", "wide_vectors"]
 
 _LOG2E = np.float32(1.44269504088896341)
 _LN2_HI = np.float32(0.693359375)
@@ -99,6 +99,31 @@ def fence(typingctx, x):
         return builder.call(intrinsic_fn, args)
 
     return x(x), codegen
+
+
+# LLVM's tuning for recent Intel cores (Ice Lake, Sapphire Rapids, ...) prefers 256-bit vectors even where
+# AVX-512 exists (older cores lowered their clock for 512-bit code). The row loops here are bound by the
+# arithmetic of fast_exp, and twice the lanes run them 1.3-1.6x faster on such a core (a 2-core Sapphire
+# Rapids VM: the sum of exps over (81600, 256) float32 rows in 2.6 ms instead of 3.9 ms).
+_PREFER_WIDE_VECTORS = '"prefer-vector-width"="512"'
+
+
+@intrinsic
+def wide_vectors(typingctx):
+    """Mark the jitted function that calls this as preferring 512-bit vectors (a no-op at run time).
+
+    Sets LLVM's ``prefer-vector-width`` attribute on the calling function only, not on the process (as
+    ``NUMBA_CPU_FEATURES`` would): on a CPU without AVX-512 the widest legal vectors stay what they are.
+    Call it first in a helper whose loop over a row is hot; the attribute must sit on the function that
+    holds the loop.
+    """
+
+    def codegen(context, builder, signature, args):
+        # llvmlite only knows LLVM's keyword attributes; a string attribute is printed as given
+        set.add(builder.function.attributes, _PREFER_WIDE_VECTORS)
+        return context.get_dummy_value()
+
+    return types.none(), codegen
 
 
 def fast_exp(x):  # pragma: no cover - replaced by the overload inside jitted code
