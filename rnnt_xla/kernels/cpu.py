@@ -21,7 +21,7 @@ Array arguments (``B`` batch, ``T`` max frames, ``U1 = U + 1`` label positions, 
 Padded frames (``t >= T_b``) and label positions (``u > U_b``) receive exactly zero gradient.
 The pass entry points :func:`forward` and :func:`backward` hold no math; they call the kernels in order.
 The other losses' kernel modules (``cpu_tdt``) reuse this module's row passes: :func:`_normalise_frame`
-(pass 1 on one frame) and :func:`_write_row_gradient` (one row of pass 4), and its thread choice.
+(pass 1 on one frame) and :func:`_write_frame_gradient` (one frame of pass 4), and its thread choice.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ with paused_garbage_collector():  # Numba's import is part of its start-up (see 
     import numba
     from numba import njit, prange
 
-    from .fast_math import cast_like, fast_exp, fence, load, store, wide_vectors
+    from .fast_math import cast_like, fast_exp, fast_exp64, fence, load, store, wide_vectors
 
     import_arraymath_without_scipy()
 
@@ -440,13 +440,79 @@ def _write_row_gradient(row, g, blank, label, has_label, fused_log_softmax, shif
         store(g, label, min(max(g_label, -limit), limit) * scale)
 
 
+@njit(**_JIT)
+def _write_frame_gradient(frame, grads, width, labels, U_b, blank, fused_log_softmax, shifts, log_blank, log_emit,
+                          p_blank, emit, clamp, scale, like):
+    """The gradient of one frame's rows, each as :func:`_write_row_gradient` writes it; rows past ``U_b`` 0.
+
+    ``frame, grads: (U1, W)`` the frame's logits and gradient; the rows ``u <= U_b`` get their first ``width``
+    entries written (a TDT row's duration scores follow, the caller's), the rows past ``U_b`` all ``W``.
+    ``labels: (>= U_b,)``; ``shifts, log_blank, log_emit: (U1,)`` from pass 1; ``p_blank, emit: (>= U_b + 1,)``
+    float64 arc weights (see :func:`_write_row_gradient`; ``emit[U_b]`` unused); ``like`` an array of the
+    compute dtype.
+
+    The per-row scalars (``1 / sum``, the blank's and the label's softmax) are exponentials of float64 values:
+    taken for all rows at once in loops LLVM vectorises (``fast_exp64``), a row then costs its loop over the
+    vocabulary only (a row's own scalar exps were a third of the pass at V=256). The rows that need a special
+    case (a clamp, no fused log-softmax, a hopeless blank) go through :func:`_write_row_gradient` itself.
+    """
+    wide_vectors()
+    n = U_b + 1
+    for u in range(n, grads.shape[0]):
+        grads[u, :] = 0
+    scratch = np.empty((4, n))
+    centred = scratch[0]  # x_blank - shift: exact, kept apart from log_blank (see _log_prob)
+    inv_sum = scratch[1]
+    exp_blank = scratch[2]
+    exp_label = scratch[3]
+    for u in range(n):
+        centred[u] = np.float64(load(frame, (u, blank))) - np.float64(shifts[u])
+    for u in range(n):
+        inv_sum[u] = fast_exp64(log_blank[u] - centred[u])  # exp(-log_sum), see _row_log_sum
+        exp_blank[u] = fast_exp64(log_blank[u])
+        exp_label[u] = fast_exp64(log_emit[u])
+    tiny = np.finfo(like.dtype).tiny
+    for u in range(n):
+        row = frame[u, :width]
+        g = grads[u, :width]
+        has_label = u < U_b
+        label = labels[u] if has_label else blank
+        occupancy = p_blank[u] + (emit[u] if has_label else 0.0)
+        size = abs(occupancy * scale)
+        if not fused_log_softmax or clamp > 0 or abs(log_blank[u]) > _PIVOT_LIMIT:
+            _write_row_gradient(row, g, blank, label, has_label, fused_log_softmax, shifts[u], log_blank[u],
+                                log_emit[u], p_blank[u], emit[u] if has_label else 0.0, clamp, scale, like)
+            continue
+        shift = shifts[u]
+        if size < tiny:  # the three kinds of row of _write_row_gradient, see there
+            for v in range(width):
+                store(g, v, 0.0)
+        elif size < _TINY_GRADIENT and tiny > 1e-300:
+            w = occupancy * inv_sum[u] * scale
+            log_weight = cast_like(math.log(abs(w)), like)
+            sign = cast_like(1.0 if w >= 0 else -1.0, like)
+            for v in range(width):
+                store(g, v, fast_exp(load(row, v) - shift + log_weight) * sign)
+        else:
+            weight = cast_like(occupancy * inv_sum[u] * scale, like)
+            for v in range(width):
+                store(g, v, fast_exp(load(row, v) - shift) * weight)
+        g_blank = exp_blank[u] * occupancy - p_blank[u]
+        if has_label and label == blank:
+            g_blank -= emit[u]
+        store(g, blank, g_blank * scale)
+        if has_label and label != blank:
+            store(g, label, (exp_label[u] * occupancy - emit[u]) * scale)
+
+
 @njit(parallel=True, **_JIT)
 def gradients(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, fastemit_lambda,
               clamp, grad_scale, log_norm, log_blank, log_emit, alphas, betas, log_likelihood, grads):
     """Pass 4: ``grads[b] = clip(d cost_b / d logits[b], -clamp, clamp) * grad_scale[b]``.
 
     With P_blank and P_label the posteriors of the blank and label transitions out of ``(t, u)``, each row's
-    gradient is written by :func:`_write_row_gradient` (FastEmit weighs P_label by ``1 + lambda``).
+    gradient is written as :func:`_write_row_gradient` does (FastEmit weighs P_label by ``1 + lambda``), a frame
+    at a time (:func:`_write_frame_gradient`).
     """
     B, T, U1, V = logits.shape
     emit_weight = 1.0 + fastemit_lambda
@@ -458,25 +524,28 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, fused_log_s
         if t >= T_b:
             grads[b, t] = 0
             continue
-        scale = grad_scale[b]
         ll = log_likelihood[b]
-        for u in range(U1):
-            g = grads[b, t, u]
-            if u > U_b:
-                g[:] = 0
-                continue
-            alpha = alphas[b, t, u]
-            if t < T_b - 1:
-                p_blank = math.exp(alpha + log_blank[b, t, u] + betas[b, t + 1, u] - ll)
-            elif u == U_b:  # the final blank, which ends the lattice
-                p_blank = math.exp(alpha + log_blank[b, t, u] - ll)
-            else:
-                p_blank = 0.0
-            label = targets[b, u] if u < U_b else blank
-            p_label = math.exp(alpha + log_emit[b, t, u] + betas[b, t, u + 1] - ll) if u < U_b else 0.0
-            _write_row_gradient(logits[b, t, u], g, blank, label, u < U_b, fused_log_softmax, log_norm[b, t, u],
-                                log_blank[b, t, u], log_emit[b, t, u], p_blank, emit_weight * p_label, clamp,
-                                scale, log_norm)
+        n = U_b + 1
+        weights = np.empty((2, n))  # the blank's and the label's posteriors of each row (vectorised exps)
+        p_blank = weights[0]
+        emit = weights[1]
+        alpha = alphas[b, t]
+        lb = log_blank[b, t]
+        le = log_emit[b, t]
+        if t < T_b - 1:
+            next_beta = betas[b, t + 1]
+            for u in range(n):
+                p_blank[u] = fast_exp64(alpha[u] + lb[u] + next_beta[u] - ll)
+        else:  # the last frame: only the final blank, which ends the lattice
+            for u in range(n):
+                p_blank[u] = 0.0
+            p_blank[U_b] = fast_exp64(alpha[U_b] + lb[U_b] - ll)
+        beta = betas[b, t]
+        for u in range(U_b):
+            emit[u] = emit_weight * fast_exp64(alpha[u] + le[u] + beta[u + 1] - ll)
+        emit[U_b] = 0.0
+        _write_frame_gradient(logits[b, t], grads[b, t], V, targets[b], U_b, blank, fused_log_softmax,
+                              log_norm[b, t], lb, le, p_blank, emit, clamp, grad_scale[b], log_norm)
 
 
 def _serial_variant(kernel):
@@ -727,8 +796,8 @@ def betas_variant(log_blank, log_emit, logit_lengths, target_lengths, one_symbol
 def gradients_variant(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, fastemit_lambda,
                       clamp, one_symbol_per_frame, context_blank, delay_penalty, grad_scale, log_norm, log_blank,
                       log_emit, alphas, betas, log_likelihood, grads):
-    """Pass 4 of the variants, as :func:`gradients` (the same row writer, :func:`_write_row_gradient`); the
-    posteriors are those of the variant's arcs.
+    """Pass 4 of the variants, as :func:`gradients` (the same frame writer, :func:`_write_frame_gradient`);
+    the posteriors are those of the variant's arcs.
 
     ``p_label`` is the posterior of the label arc out of ``(t, u)``; with ``"constrained"`` the label arc
     out of ``(t, u - 1)`` also uses the blank of ``(t, u)``, so its posterior (times ``1 + lambda``) is added
@@ -744,29 +813,27 @@ def gradients_variant(logits, targets, logit_lengths, target_lengths, blank, fus
         if t >= T_b:
             grads[b, t] = 0
             continue
-        scale = grad_scale[b]
         ll = log_likelihood[b]
         alpha = alphas[b]
         beta = betas[b]
         lb = log_blank[b]
         le = log_emit[b]
         step = 1 if one_symbol_per_frame else 0
-        for u in range(U1):
-            g = grads[b, t, u]
-            if u > U_b:
-                g[:] = 0
-                continue
-            p_blank = math.exp(alpha[t, u] + lb[t, u] + _beta_at(beta, t + 1, u, T_b, U_b) - ll)
-            emit = 0.0
+        n = U_b + 1
+        weights = np.empty((2, n))
+        p_blank = weights[0]
+        emit = weights[1]
+        for u in range(n):
+            p_blank[u] = math.exp(alpha[t, u] + lb[t, u] + _beta_at(beta, t + 1, u, T_b, U_b) - ll)
+            emit[u] = 0.0
             if u < U_b:
                 score = _label_score(lb, le, t, u, T_b, context_blank, delay_penalty)
-                emit = emit_weight * math.exp(alpha[t, u] + score + _beta_at(beta, t + step, u + 1, T_b, U_b) - ll)
+                emit[u] = emit_weight * math.exp(alpha[t, u] + score + _beta_at(beta, t + step, u + 1, T_b, U_b) - ll)
             if context_blank and u > 0:
                 score = _label_score(lb, le, t, u - 1, T_b, True, delay_penalty)
-                p_blank += emit_weight * math.exp(alpha[t, u - 1] + score + _beta_at(beta, t + 1, u, T_b, U_b) - ll)
-            label = targets[b, u] if u < U_b else blank
-            _write_row_gradient(logits[b, t, u], g, blank, label, u < U_b, fused_log_softmax, log_norm[b, t, u],
-                                lb[t, u], le[t, u], p_blank, emit, clamp, scale, log_norm)
+                p_blank[u] += emit_weight * math.exp(alpha[t, u - 1] + score + _beta_at(beta, t + 1, u, T_b, U_b) - ll)
+        _write_frame_gradient(logits[b, t], grads[b, t], V, targets[b], U_b, blank, fused_log_softmax, log_norm[b, t],
+                              lb[t], le[t], p_blank, emit, clamp, grad_scale[b], log_norm)
 
 
 alphas_and_costs_variant_serial = _serial_variant(alphas_and_costs_variant)

@@ -17,7 +17,7 @@ is clamped per utterance then scaled by ``grad_scale``, as in :mod:`.cpu` (and N
 
 Passes: :func:`log_normalizers` (``cpu._normalise_frame``, the RNNT pass's row shifts, blank and label
 log-probabilities, plus the big blanks'), :func:`alphas_and_costs`, :func:`betas`, :func:`gradients`
-(``cpu._write_row_gradient``, the RNNT row writer, then the blank-like entries). Entry points :func:`forward`
+(``cpu._write_frame_gradient``, the RNNT row writer, then the blank-like entries). Entry points :func:`forward`
 and :func:`backward`; ``big_blank_durations: (K,) int64``, each ``>= 1``; ``blank`` normalised, ``blank >= K``.
 Padded frames and label positions get exactly zero gradient; 16-bit logits as bits views as in :mod:`.cpu`.
 """
@@ -31,7 +31,7 @@ import numpy as np
 
 from . import cpu
 from .cpu import (_JIT, _beta_at, _cells, _launch, _log_prob, _normalise_frame, _row_log_sum, _rows, _section,
-                  _serial_variant, _write_row_gradient, njit, prange)
+                  _serial_variant, _write_frame_gradient, njit, prange)
 from .fast_math import cast_like, load, store
 
 __all__ = [
@@ -210,37 +210,39 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, durations, 
         scale = grad_scale[b]
         ll = log_likelihood[b]
         beta = betas[b]
-        p_big = np.empty(K)  # the big blanks' posteriors of one row
-        for u in range(U1):
-            g = grads[b, t, u]
-            if u > U_b:
-                g[:] = 0
-                continue
+        n = U_b + 1
+        weights = np.empty((3 + K, n))  # per row: P_blank, all blank-like arcs' sum, (1 + lambda) P_label, P_big_i
+        p_blank = weights[0]
+        blanks = weights[1]
+        emit = weights[2]
+        p_big = weights[3:]
+        for u in range(n):
             alpha = alphas[b, t, u] - sigma - ll  # every arc's posterior: exp(alpha + log_prob - sigma + beta - ll)
-            lb = log_blank[b, t, u]
-            p_blank = math.exp(alpha + lb + _beta_at(beta, t + 1, u, T_b, U_b))
-            blanks = p_blank  # the posteriors of the standard and the big blanks
+            p_blank[u] = math.exp(alpha + log_blank[b, t, u] + _beta_at(beta, t + 1, u, T_b, U_b))
+            blanks[u] = p_blank[u]
             for i in range(K):
                 s = t + durations[i]
-                p_big[i] = math.exp(alpha + log_big[b, t, u, i] + _beta_at(beta, s, u, T_b, U_b)) if s <= T_b else 0.0
-                blanks += p_big[i]
+                p_big[i, u] = math.exp(alpha + log_big[b, t, u, i] + _beta_at(beta, s, u, T_b, U_b)) if s <= T_b else 0.0
+                blanks[u] += p_big[i, u]
+            emit[u] = emit_weight * math.exp(alpha + log_emit[b, t, u] + beta[t, u + 1]) if u < U_b else 0.0
+        # the shared frame writer with every blank-like arc's weight at the blank: right for the softmax part
+        # of every entry and for the label; the blank and the big blanks are then rewritten
+        _write_frame_gradient(logits[b, t], grads[b, t], V, targets[b], U_b, blank, True, log_norm[b, t],
+                              log_blank[b, t], log_emit[b, t], blanks, emit, clamp, scale, log_norm)
+        for u in range(n):
+            g = grads[b, t, u]
             label = targets[b, u] if u < U_b else blank
-            emit = emit_weight * math.exp(alpha + log_emit[b, t, u] + beta[t, u + 1]) if u < U_b else 0.0
-            occupancy = blanks + emit
-            # the shared row writer with every blank-like arc's weight at the blank: right for the softmax
-            # part of every entry and for the label; the blank and the big blanks are then rewritten
-            _write_row_gradient(logits[b, t, u], g, blank, label, u < U_b, True, log_norm[b, t, u], lb,
-                                log_emit[b, t, u], blanks, emit, clamp, scale, log_norm)
+            occupancy = blanks[u] + emit[u]
             # the arcs' own entries, from the lattice's log-probabilities (exp in the compute dtype, as the
             # writer); a label may coincide with the blank or a big blank
-            g_blank = math.exp(cast_like(lb, log_norm)) * occupancy - p_blank
+            g_blank = math.exp(cast_like(log_blank[b, t, u], log_norm)) * occupancy - p_blank[u]
             if u < U_b and label == blank:
-                g_blank -= emit
+                g_blank -= emit[u]
             store(g, blank, min(max(g_blank, -limit), limit) * scale)
             for i in range(K):
-                g_big = math.exp(cast_like(log_big[b, t, u, i], log_norm)) * occupancy - p_big[i]
+                g_big = math.exp(cast_like(log_big[b, t, u, i], log_norm)) * occupancy - p_big[i, u]
                 if u < U_b and label == blank - 1 - i:
-                    g_big -= emit
+                    g_big -= emit[u]
                 store(g, blank - 1 - i, min(max(g_big, -limit), limit) * scale)
 
 

@@ -17,7 +17,8 @@ Four passes, as in :mod:`rnnt_xla.kernels.cpu` (whose helpers they share), none 
    anti-diagonal by anti-diagonal (the cells of one are independent);
 3. :func:`betas` (parallel over the batch): backward variables, the same way;
 4. :func:`gradients` (parallel over frames): the arcs' posteriors of all rows of a frame, then one sweep of
-   each row writes its label part (``cpu._write_row_gradient``, the RNNT writer) and its duration part.
+   each frame writes its rows' label parts (``cpu._write_frame_gradient``, the RNNT writer) and their duration
+   parts.
 
 The float64 lattice values and posteriors use ``fast_math.fast_exp64`` (within 1 ulp of ``math.exp``) in
 loops over the rows of a frame or the cells of an anti-diagonal, which LLVM vectorises; a scalar ``math.exp``
@@ -47,7 +48,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import cpu
-from .cpu import _JIT, _launch, _log_prob, _normalise_frame, _section, _serial_variant, _write_row_gradient
+from .cpu import _JIT, _launch, _log_prob, _normalise_frame, _section, _serial_variant, _write_frame_gradient
 from .fast_math import fast_exp64, load, store
 from .numba_startup import paused_garbage_collector
 
@@ -463,7 +464,7 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, durations, 
     With ``P_blank(i)`` and ``P_label(i)`` the posteriors of the blank and label arcs of duration
     ``durations[i]`` out of ``(t, u)`` (:func:`_frame_posteriors`, all rows of a frame at once), the label part
     is the RNNT row gradient with ``P_blank = sum_i P_blank(i)`` and ``P_label = sum_i P_label(i)``
-    (``cpu._write_row_gradient``); the duration part, through its log-softmax, is
+    (``cpu._write_frame_gradient``); the duration part, through its log-softmax, is
     ``softmax_i * (P_blank + P_label) - (P_blank(i) + P_label(i))``.
     With ``label_head_only`` the posteriors are the RNNT ones (as ``cpu.gradients``), the duration part 0.
     """
@@ -483,14 +484,16 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, durations, 
         scale = grad_scale[b]
         beta = betas[b]
         n = U_b + 1
-        # per row u: P_blank, P_label; per (duration, row): log-softmax, softmax, blank and label posteriors
-        scratch = np.empty((2 + 4 * D, n))
+        # per row u: P_blank, P_label; per (duration, row): log-softmax, softmax, blank and label posteriors;
+        # per row: (1 + lambda) * P_label
+        scratch = np.empty((3 + 4 * D, n))
         p_blank = scratch[0]
         p_label = scratch[1]
         log_dur = scratch[2:2 + D]
         softmax = scratch[2 + D:2 + 2 * D]
         blank_post = scratch[2 + 2 * D:2 + 3 * D]
-        label_post = scratch[2 + 3 * D:]
+        label_post = scratch[2 + 3 * D:2 + 4 * D]
+        emit = scratch[2 + 4 * D]
         alpha = alphas[b, t]
         lb = log_blank[b, t]
         le = log_emit[b, t]
@@ -521,15 +524,12 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, durations, 
                     p_blank[u] += blank_post[i, u]
                 for u in range(n):
                     p_label[u] += label_post[i, u]
-        for u in range(U1):
+        for u in range(n):
+            emit[u] = emit_weight * p_label[u]
+        _write_frame_gradient(logits[b, t], grads[b, t], V, targets[b], U_b, blank, True, log_norm[b, t], lb, le,
+                              p_blank, emit, clamp, scale, log_norm)
+        for u in range(n):
             g = grads[b, t, u]
-            if u > U_b:
-                g[:] = 0
-                continue
-            label = targets[b, u] if u < U_b else blank
-            row = logits[b, t, u]
-            _write_row_gradient(row[:V], g[:V], blank, label, u < U_b, True, log_norm[b, t, u], lb[u], le[u],
-                                p_blank[u], emit_weight * p_label[u], clamp, scale, log_norm)
             if label_head_only:
                 for i in range(D):
                     store(g, V + i, 0.0)
