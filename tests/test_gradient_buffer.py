@@ -119,3 +119,31 @@ def test_wide_vectors_marks_the_calling_function() -> None:
     assert marked(x) == plain(x) == 6.0
     assert '"prefer-vector-width"="512"' in marked.inspect_llvm(marked.signatures[0])
     assert "prefer-vector-width" not in plain.inspect_llvm(plain.signatures[0])
+
+
+@pytest.mark.parametrize("loss", ["rnnt", "tdt", "multiblank"])
+def test_backward_materialises_no_zero_gradients_for_the_other_outputs(loss) -> None:
+    """The forward operator's outputs other than the loss (labels, lengths, residual slots) get no gradient:
+    autograd must not fill zero tensors for them (11 parallel fills per step kept torch's threads busy on the
+    cores the gradient pass needs)."""
+    from torch.profiler import profile
+
+    rng = np.random.default_rng(4)
+    problem = random_problem(rng, 2, 6, 3, 6 if loss == "tdt" else 9, blank=5 if loss == "tdt" else 0)
+    scores = problem.logits
+    if loss == "tdt":  # the duration scores after the labels'
+        scores = np.concatenate([scores, rng.standard_normal(scores.shape[:3] + (3,), dtype=np.float32)], -1)
+    logits = torch.tensor(scores, requires_grad=True)
+    args = [torch.tensor(a) for a in (problem.targets, problem.logit_lengths, problem.target_lengths)]
+    if loss == "tdt":
+        out = rnnt_torch.tdt_loss(logits, *args, durations=[0, 1, 2], blank=5)
+    elif loss == "multiblank":
+        out = rnnt_torch.multiblank_rnnt_loss(logits, *args, big_blank_durations=[2], blank=8)
+    else:
+        out = rnnt_torch.rnnt_loss(logits, *args, blank=problem.blank)
+    with profile() as prof:
+        out.backward()
+    names = [event.name for event in prof.events()]
+    assert "rnnt_xla::loss_backward" in names
+    assert not [n for n in names if n in ("aten::zeros", "aten::zero_", "aten::zeros_like")], names
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
