@@ -147,3 +147,29 @@ def test_backward_materialises_no_zero_gradients_for_the_other_outputs(loss) -> 
     assert "rnnt_xla::loss_backward" in names
     assert not [n for n in names if n in ("aten::zeros", "aten::zero_", "aten::zeros_like")], names
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16, np.int16])
+def test_prefetch_row_is_only_a_hint(dtype) -> None:
+    """fast_math.prefetch_row compiles for every kernel dtype (16-bit logits as bits), on rows of any length
+    and on a strided view, and changes nothing."""
+    from numba import njit
+
+    from rnnt_xla.kernels.fast_math import prefetch_row
+
+    @njit
+    def hinted_sum(rows):
+        total = 0.0
+        for u in range(rows.shape[0]):
+            if u + 1 < rows.shape[0]:
+                prefetch_row(rows[u + 1])
+            prefetch_row(rows[u, ::3])
+            for v in range(rows.shape[1]):
+                total += rows[u, v]
+        return total
+
+    rows = np.arange(5 * 37, dtype=dtype).reshape(5, 37)
+    before = rows.copy()
+    assert hinted_sum(rows) == float(rows.astype(np.float64).sum())
+    assert hinted_sum(rows[:, :0]) == 0.0
+    np.testing.assert_array_equal(rows, before)

@@ -45,7 +45,7 @@ with paused_garbage_collector():  # Numba's import is part of its start-up (see 
     import numba
     from numba import njit, prange
 
-    from .fast_math import cast_like, fast_exp, fast_exp64, fence, load, store, wide_vectors
+    from .fast_math import cast_like, fast_exp, fast_exp64, fence, load, prefetch_row, store, wide_vectors
 
     import_arraymath_without_scipy()
 
@@ -234,6 +234,8 @@ def _normalise_frame(frame, width, labels, U_b, blank, fused_log_softmax, norms,
     frame_shift = _row_max(frame[0, :width]) if fused_log_softmax else cast_like(0.0, norms)
     if fused_log_softmax:
         for u in range(U_b + 1):
+            if u + 2 <= U_b:
+                prefetch_row(frame[u + 2, :width])
             norms[u] = _sum_of_exp(frame[u, :width], frame_shift, norms)
     for u in range(U_b + 1):
         row = frame[u, :width]
@@ -475,6 +477,8 @@ def _write_frame_gradient(frame, grads, width, labels, U_b, blank, fused_log_sof
     for u in range(n):
         row = frame[u, :width]
         g = grads[u, :width]
+        if u + 2 < n:
+            prefetch_row(frame[u + 2, :width])
         has_label = u < U_b
         label = labels[u] if has_label else blank
         occupancy = p_blank[u] + (emit[u] if has_label else 0.0)
