@@ -215,7 +215,12 @@ DDP_SCRIPT = textwrap.dedent("""
         loss_of(model, *batch).backward()
         if rank == 0:
             torch.save({k: p.grad for k, p in model.module.named_parameters()}, path + ".grads")
-        dist.destroy_process_group()
+        # Both ranks finish together, and neither tears gloo down: destroy_process_group aborted rank 1
+        # ("terminate called without an active exception") in a third to a half of the runs on this VM, also
+        # at commits whose loss is unchanged here (as tests/test_fused_torch_integration.py does)
+        dist.barrier()
+        sys.stdout.flush()
+        os._exit(0)
 
     if __name__ == "__main__":
         path, port = sys.argv[1], int(sys.argv[2])
