@@ -1,7 +1,7 @@
 """CPU benchmark of the rest of the transducer family: TDT, multi-blank RNN-T and k2's "modified" RNN-T,
 rnnt_xla against the strongest alternatives a user has.
 
-    python benchmarks/bench_family.py                                # everything (~10 min on 2 quiet cores)
+    python benchmarks/bench_family.py                                # everything (~4 min on 2 quiet cores)
     python benchmarks/bench_family.py --losses tdt --repeats 3 --no-memory --out /tmp/f.json
 
 Per loss and shape, every available implementation is timed forward + backward (``reduction='mean'``, then
