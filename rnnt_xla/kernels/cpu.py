@@ -371,6 +371,56 @@ def _row_log_sum(row, blank, shift, log_blank, like):
     return own, math.log(np.float64(_sum_of_exp(row, own, like)))
 
 
+@njit(inline="always", **_JIT)  # inlined in Numba's IR: a call per row cost 10% of the pass at V=256
+def _write_softmax_part(row, g, shift, occupancy, inv_sum, scale, like, tiny):
+    """``g[v] = exp(row[v] - shift) * inv_sum * occupancy * scale`` (the softmax part of a row's gradient,
+    unclamped), in one of three ways by the size of ``occupancy * scale``:
+
+    - below the smallest normal number of the compute dtype: every entry (``softmax_v <= 1``) would be
+      subnormal, so 0, as under flush-to-zero (JAX runs the callbacks so). Computed, each would be a
+      subnormal product, a slow microcode assist on x86: rows far from the likely alignments took 10-15% of
+      the pass at (16, 150, 40, 1024);
+    - float32 compute below ``_TINY_GRADIENT``: ``exp(x_v - shift + log(weight))``, the weight joined to the
+      exponent (see there);
+    - otherwise one multiply per entry.
+
+    ``shift`` and ``inv_sum`` (``1 / sum_v exp(x_v - shift)``) from pass 1, see :func:`_row_log_sum`;
+    ``x - shift`` is exact-ish whatever the logits' common offset (the rounded log-sum-exp is not), and
+    ``exp(x - shift)`` cannot overflow (a frame's shared shift is only kept for rows whose sum is at most
+    ``_SUM_HIGH``). ``tiny``: the smallest normal number of the compute dtype.
+    """
+    wide_vectors()
+    V = row.shape[0]
+    size = abs(occupancy * scale)
+    if size < tiny:
+        for v in range(V):
+            store(g, v, 0.0)
+    elif size < _TINY_GRADIENT and tiny > 1e-300:
+        weight = occupancy * inv_sum * scale
+        log_weight = cast_like(math.log(abs(weight)), like)
+        sign = cast_like(1.0 if weight >= 0 else -1.0, like)
+        for v in range(V):
+            store(g, v, fast_exp(load(row, v) - shift + log_weight) * sign)
+    else:
+        weight = cast_like(occupancy * inv_sum * scale, like)
+        for v in range(V):
+            store(g, v, fast_exp(load(row, v) - shift) * weight)
+
+
+@njit(inline="always", **_JIT)  # inlined in Numba's IR: a call per row cost 10% of the pass at V=256
+def _write_arc_entries(g, blank, label, has_label, softmax_blank, softmax_label, occupancy, p_blank, emit, limit,
+                       scale):
+    """The blank's and the label's entries of a row's gradient, ``softmax * occupancy - posterior`` each
+    (both posteriors at the blank when the label is the blank), clamped to ``limit`` and scaled."""
+    g_blank = softmax_blank * occupancy - p_blank
+    if has_label and label == blank:
+        g_blank -= emit
+    store(g, blank, min(max(g_blank, -limit), limit) * scale)
+    if has_label and label != blank:
+        g_label = softmax_label * occupancy - emit
+        store(g, label, min(max(g_label, -limit), limit) * scale)
+
+
 @njit(**_JIT)
 def _write_row_gradient(row, g, blank, label, has_label, fused_log_softmax, shift, log_blank, log_emit,
                         p_blank, emit, clamp, scale, like):
@@ -383,63 +433,35 @@ def _write_row_gradient(row, g, blank, label, has_label, fused_log_softmax, shif
 
     The gradient w.r.t. the log-probabilities is ``-p_blank`` at the blank and ``-emit`` at the label (both
     when they coincide); through the fused log-softmax every entry also gets ``softmax_v * (p_blank + emit)``,
-    with ``softmax_v = exp(x_v - shift) / sum`` (the blank and label entries from the lattice's
-    log-probabilities). A row whose ``|p_blank + emit| * |scale|`` is below the smallest normal number of the
-    compute dtype gets 0 there instead (every such product would be subnormal); a float32 row below
-    ``_TINY_GRADIENT`` gets ``exp(x_v - shift + log(weight))`` (the same, without subnormal products).
+    with ``softmax_v = exp(x_v - shift) / sum`` (:func:`_write_softmax_part`; the blank and label entries from
+    the lattice's log-probabilities, :func:`_write_arc_entries`).
     """
     wide_vectors()
     V = row.shape[0]
     limit = clamp if clamp > 0 else np.inf
-    if fused_log_softmax:
-        occupancy = p_blank + emit
-        lb = log_blank
-        if abs(occupancy * scale) < np.finfo(like.dtype).tiny:
-            # every entry's softmax_v * occupancy * scale (softmax_v <= 1), clamped or not, is below the
-            # normal range of the compute dtype: 0, as under flush-to-zero (JAX runs the callbacks so).
-            # Computed, each would be a subnormal product, a slow microcode assist on x86: rows far from
-            # the likely alignments took 10-15% of this pass at (16, 150, 40, 1024)
-            for v in range(V):
-                store(g, v, 0.0)
-        else:
-            # softmax = exp(x - shift) / sum: x - shift is exact-ish whatever the logits' common offset
-            # (the rounded log-sum-exp is not), see log_normalizers. exp(x - shift) cannot overflow:
-            # a shift shared by the frame is only kept for rows whose sum is at most _SUM_HIGH.
-            shift, log_sum = _row_log_sum(row, blank, shift, lb, like)
-            inv_sum = math.exp(-log_sum)
-            if clamp > 0:
-                occ = cast_like(occupancy * inv_sum, like)
-                lim = cast_like(limit, like)
-                sc = cast_like(scale, like)
-                for v in range(V):
-                    x = fast_exp(load(row, v) - shift) * occ
-                    x = lim if x > lim else x
-                    x = -lim if x < -lim else x
-                    store(g, v, x * sc)
-            elif abs(occupancy * scale) < _TINY_GRADIENT and np.finfo(like.dtype).tiny > 1e-300:
-                # float32 compute, entries below _TINY_GRADIENT: the weight joins the exponent (see there)
-                weight = occupancy * inv_sum * scale
-                log_weight = cast_like(math.log(abs(weight)), like)
-                sign = cast_like(1.0 if weight >= 0 else -1.0, like)
-                for v in range(V):
-                    store(g, v, fast_exp(load(row, v) - shift + log_weight) * sign)
-            else:  # the common case, one multiply per entry (10-15% faster pass)
-                weight = cast_like(occupancy * inv_sum * scale, like)
-                for v in range(V):
-                    store(g, v, fast_exp(load(row, v) - shift) * weight)
-        # the blank and the label from the lattice's log-probabilities, exponentiated in the compute
-        # dtype (a float32 exp is cheaper; its absolute error exp(lp) * |lp| * eps is at most eps)
-        g_blank = math.exp(cast_like(lb, like)) * occupancy - p_blank
-        g_label = math.exp(cast_like(log_emit, like)) * occupancy - emit if has_label else 0.0
-    else:
+    if not fused_log_softmax:
         g[:] = 0
-        g_blank = -p_blank
-        g_label = -emit
-    if has_label and label == blank:  # a label equal to blank: both transitions use the entry
-        g_blank -= emit
-    store(g, blank, min(max(g_blank, -limit), limit) * scale)
-    if has_label and label != blank:
-        store(g, label, min(max(g_label, -limit), limit) * scale)
+        _write_arc_entries(g, blank, label, has_label, 0.0, 0.0, 0.0, p_blank, emit, limit, scale)
+        return
+    occupancy = p_blank + emit
+    shift, log_sum = _row_log_sum(row, blank, shift, log_blank, like)
+    inv_sum = math.exp(-log_sum)
+    tiny = np.finfo(like.dtype).tiny
+    if clamp > 0 and abs(occupancy * scale) >= tiny:
+        occ = cast_like(occupancy * inv_sum, like)
+        lim = cast_like(limit, like)
+        sc = cast_like(scale, like)
+        for v in range(V):
+            x = fast_exp(load(row, v) - shift) * occ
+            x = lim if x > lim else x
+            x = -lim if x < -lim else x
+            store(g, v, x * sc)
+    else:  # unclamped, or every entry below the normal range whatever the clamp
+        _write_softmax_part(row, g, shift, occupancy, inv_sum, scale, like, tiny)
+    # the blank and the label from the lattice's log-probabilities, exponentiated in the compute dtype (a
+    # float32 exp is cheaper; its absolute error exp(lp) * |lp| * eps is at most eps)
+    _write_arc_entries(g, blank, label, has_label, math.exp(cast_like(log_blank, like)),
+                       math.exp(cast_like(log_emit, like)), occupancy, p_blank, emit, limit, scale)
 
 
 @njit(**_JIT)
@@ -481,32 +503,40 @@ def _write_frame_gradient(frame, grads, width, labels, U_b, blank, fused_log_sof
             prefetch_row(frame[u + 2, :width])
         has_label = u < U_b
         label = labels[u] if has_label else blank
-        occupancy = p_blank[u] + (emit[u] if has_label else 0.0)
-        size = abs(occupancy * scale)
+        row_emit = emit[u] if has_label else 0.0
         if not fused_log_softmax or clamp > 0 or abs(log_blank[u]) > _PIVOT_LIMIT:
             _write_row_gradient(row, g, blank, label, has_label, fused_log_softmax, shifts[u], log_blank[u],
-                                log_emit[u], p_blank[u], emit[u] if has_label else 0.0, clamp, scale, like)
+                                log_emit[u], p_blank[u], row_emit, clamp, scale, like)
             continue
-        shift = shifts[u]
-        if size < tiny:  # the three kinds of row of _write_row_gradient, see there
-            for v in range(width):
-                store(g, v, 0.0)
-        elif size < _TINY_GRADIENT and tiny > 1e-300:
-            w = occupancy * inv_sum[u] * scale
-            log_weight = cast_like(math.log(abs(w)), like)
-            sign = cast_like(1.0 if w >= 0 else -1.0, like)
-            for v in range(width):
-                store(g, v, fast_exp(load(row, v) - shift + log_weight) * sign)
-        else:
-            weight = cast_like(occupancy * inv_sum[u] * scale, like)
-            for v in range(width):
-                store(g, v, fast_exp(load(row, v) - shift) * weight)
-        g_blank = exp_blank[u] * occupancy - p_blank[u]
-        if has_label and label == blank:
-            g_blank -= emit[u]
-        store(g, blank, g_blank * scale)
-        if has_label and label != blank:
-            store(g, label, (exp_label[u] * occupancy - emit[u]) * scale)
+        occupancy = p_blank[u] + row_emit
+        _write_softmax_part(row, g, shifts[u], occupancy, inv_sum[u], scale, like, tiny)
+        _write_arc_entries(g, blank, label, has_label, exp_blank[u], exp_label[u], occupancy, p_blank[u], row_emit,
+                           np.inf, scale)
+
+
+@njit(**_JIT)
+def _rnnt_frame_posteriors(alpha, log_blank, log_emit, beta, t, T_b, U_b, log_likelihood, label_weight, p_blank,
+                           p_label):
+    """The posteriors of the blank and label arcs out of the rows ``u <= U_b`` of frame ``t``,
+    ``p_blank[u] = exp(alpha + log_blank + beta[t + 1, u] - log P)`` (on the last frame only the final blank,
+    which ends the lattice) and ``p_label[u] = label_weight * exp(alpha + log_emit + beta[t, u + 1] - log P)``
+    (0 at ``U_b``), in vectorised loops (``fast_exp64``).
+
+    ``alpha, log_blank, log_emit: (>= U_b + 1,)`` of the frame, ``beta: (T, U1)`` of the utterance."""
+    wide_vectors()
+    n = U_b + 1
+    if t < T_b - 1:
+        next_beta = beta[t + 1]
+        for u in range(n):
+            p_blank[u] = fast_exp64(alpha[u] + log_blank[u] + next_beta[u] - log_likelihood)
+    else:
+        for u in range(n):
+            p_blank[u] = 0.0
+        p_blank[U_b] = fast_exp64(alpha[U_b] + log_blank[U_b] - log_likelihood)
+    this_beta = beta[t]
+    for u in range(U_b):
+        p_label[u] = label_weight * fast_exp64(alpha[u] + log_emit[u] + this_beta[u + 1] - log_likelihood)
+    p_label[U_b] = 0.0
 
 
 @njit(parallel=True, **_JIT)
@@ -528,26 +558,13 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, fused_log_s
         if t >= T_b:
             grads[b, t] = 0
             continue
-        ll = log_likelihood[b]
-        n = U_b + 1
-        weights = np.empty((2, n))  # the blank's and the label's posteriors of each row (vectorised exps)
+        weights = np.empty((2, U_b + 1))  # the blank's and the label's posteriors of each row
         p_blank = weights[0]
         emit = weights[1]
-        alpha = alphas[b, t]
         lb = log_blank[b, t]
         le = log_emit[b, t]
-        if t < T_b - 1:
-            next_beta = betas[b, t + 1]
-            for u in range(n):
-                p_blank[u] = fast_exp64(alpha[u] + lb[u] + next_beta[u] - ll)
-        else:  # the last frame: only the final blank, which ends the lattice
-            for u in range(n):
-                p_blank[u] = 0.0
-            p_blank[U_b] = fast_exp64(alpha[U_b] + lb[U_b] - ll)
-        beta = betas[b, t]
-        for u in range(U_b):
-            emit[u] = emit_weight * fast_exp64(alpha[u] + le[u] + beta[u + 1] - ll)
-        emit[U_b] = 0.0
+        _rnnt_frame_posteriors(alphas[b, t], lb, le, betas[b], t, T_b, U_b, log_likelihood[b], emit_weight, p_blank,
+                               emit)
         _write_frame_gradient(logits[b, t], grads[b, t], V, targets[b], U_b, blank, fused_log_softmax,
                               log_norm[b, t], lb, le, p_blank, emit, clamp, grad_scale[b], log_norm)
 

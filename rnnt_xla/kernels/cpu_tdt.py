@@ -48,7 +48,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import cpu
-from .cpu import _JIT, _launch, _log_prob, _normalise_frame, _section, _serial_variant, _write_frame_gradient
+from .cpu import (_JIT, _launch, _log_prob, _normalise_frame, _rnnt_frame_posteriors, _section, _serial_variant,
+                  _write_frame_gradient)
 from .fast_math import fast_exp64, load, store
 from .numba_startup import paused_garbage_collector
 
@@ -497,15 +498,8 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, durations, 
         alpha = alphas[b, t]
         lb = log_blank[b, t]
         le = log_emit[b, t]
-        if label_head_only:
-            for u in range(n):
-                if t < T_b - 1:
-                    p_blank[u] = math.exp(alpha[u] + lb[u] + beta[t + 1, u] - ll)
-                elif u == U_b:  # the final blank, which ends the lattice
-                    p_blank[u] = math.exp(alpha[u] + lb[u] - ll)
-                else:
-                    p_blank[u] = 0.0
-                p_label[u] = math.exp(alpha[u] + le[u] + beta[t, u + 1] - ll) if u < U_b else 0.0
+        if label_head_only:  # the RNNT posteriors of the label head
+            _rnnt_frame_posteriors(alpha, lb, le, beta, t, T_b, U_b, ll, 1.0, p_blank, p_label)
         else:
             frame_durations = log_durations[b, t]
             for i in range(D):

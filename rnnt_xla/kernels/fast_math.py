@@ -46,40 +46,27 @@ _MIN_ARG = np.float32(-87.33654)
 _MAX_ARG = np.float32(88.72283)
 
 
-@intrinsic
-def _float32_from_bits(typingctx, bits):
-    """Reinterpret the bits of an int32 as a float32 (a no-op bitcast LLVM can vectorise)."""
-    if bits != types.int32:
-        return None
+def _bitcast(source, target, llvm_target, doc: str):
+    """An intrinsic reinterpreting the bits of a ``source`` value as a ``target`` (a no-op bitcast LLVM can
+    vectorise)."""
 
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
+    def typer(typingctx, value):
+        if value != source:
+            return None
 
-    return types.float32(types.int32), codegen
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], llvm_target)
 
+        return target(source), codegen
 
-@intrinsic
-def _float64_from_bits(typingctx, bits):
-    """Reinterpret the bits of an int64 as a float64."""
-    if bits != types.int64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
-
-    return types.float64(types.int64), codegen
+    typer.__doc__ = doc
+    return intrinsic(typer)
 
 
-@intrinsic
-def _bits_of_float64(typingctx, value):
-    """Reinterpret the bits of a float64 as an int64."""
-    if value != types.float64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(64))
-
-    return types.int64(types.float64), codegen
+_float32_from_bits = _bitcast(types.int32, types.float32, ir.FloatType(), "The float32 with the bits of an int32.")
+_float64_from_bits = _bitcast(types.int64, types.float64, ir.DoubleType(), "The float64 with the bits of an int64.")
+_bits_of_float32 = _bitcast(types.float32, types.int32, ir.IntType(32), "The bits of a float32 as an int32.")
+_bits_of_float64 = _bitcast(types.float64, types.int64, ir.IntType(64), "The bits of a float64 as an int64.")
 
 
 @intrinsic
@@ -300,17 +287,6 @@ def _half_bits_from_float32(typingctx, value):
         return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
 
     return types.uint16(types.float32), codegen
-
-
-@intrinsic
-def _bits_of_float32(typingctx, value):
-    if value != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.int32(types.float32), codegen
 
 
 @njit
