@@ -165,9 +165,9 @@ def multiblank_problems(draw):
     B = draw(st.integers(1, 4))
     T = draw(st.integers(1, 10))
     U = draw(st.integers(0, 5))
-    durations = sorted(draw(st.sets(st.integers(1, 11), min_size=0, max_size=4)))
-    if draw(st.booleans()):
-        durations = durations[::-1]  # the order is the vocabulary's, not necessarily sorted
+    # the order is the vocabulary's (not necessarily sorted) and a duration may repeat, as in NeMo; the kernels
+    # sort the arcs by duration
+    durations = draw(st.lists(st.integers(1, 11), min_size=0, max_size=4))
     K = len(durations)
     V = K + draw(st.integers(1, 8))
     dtype = draw(st.sampled_from([np.float32, np.float64]))

@@ -225,11 +225,14 @@ def _log_prob(x, shift, log_sum):
 
 
 @njit(**_JIT)
-def _normalise_frame(frame, width, labels, U_b, blank, fused_log_softmax, norms, log_blank, log_emit):
+def _normalise_frame(frame, width, labels, U_b, blank, fused_log_softmax, norms, log_blank, log_emit, extra_entries,
+                     log_extra):
     """Pass 1 on the used rows ``u <= U_b`` of one frame, each a distribution over its first ``width`` entries.
 
     ``frame: (U1, >= width)`` logits of one ``(b, t)`` (a TDT row has its duration scores after them),
-    ``labels: (>= U_b,)``; writes ``norms, log_blank, log_emit: (U1,)`` (see :func:`log_normalizers`).
+    ``labels: (>= U_b,)``; writes ``norms, log_blank, log_emit: (U1,)`` (see :func:`log_normalizers`) and the
+    log-probabilities of the entries ``extra_entries: (K,) int64`` (multi-blank's big blanks) into
+    ``log_extra: (U1, K)`` float64; the other losses pass ``None`` for both (the code is then left out).
     """
     frame_shift = _row_max(frame[0, :width]) if fused_log_softmax else cast_like(0.0, norms)
     if fused_log_softmax:
@@ -251,6 +254,16 @@ def _normalise_frame(frame, width, labels, U_b, blank, fused_log_softmax, norms,
         norms[u] = shift
         log_blank[u] = _log_prob(load(row, blank), shift, log_sum)
         log_emit[u] = _log_prob(load(row, labels[u]), shift, log_sum) if u < U_b else -np.inf
+        if extra_entries is not None:
+            for i in range(extra_entries.shape[0]):
+                log_extra[u, i] = _log_prob(load(row, extra_entries[i]), shift, log_sum)
+
+
+@njit(**_JIT)
+def _no_extra_entries(positions):
+    """The ``extra_entries, log_extra, p_extra`` arguments of :func:`_write_frame_gradient` for a loss without
+    extra blank-like arcs (empty arrays)."""
+    return np.empty(0, np.int64), np.empty((positions, 0)), np.empty((0, positions))
 
 
 @njit(parallel=True, **_JIT)
@@ -277,7 +290,7 @@ def log_normalizers(logits, targets, logit_lengths, target_lengths, blank, fused
         if t >= logit_lengths[b]:
             continue
         _normalise_frame(logits[b, t], V, targets[b], target_lengths[b], blank, fused_log_softmax,
-                         log_norm[b, t], log_blank[b, t], log_emit[b, t])
+                         log_norm[b, t], log_blank[b, t], log_emit[b, t], None, None)
 
 
 # The gradient pass recovers a row's log_sum as (x_blank - shift) - log_blank, exact up to the rounding of
@@ -407,15 +420,22 @@ def _write_softmax_part(row, g, shift, occupancy, inv_sum, scale, like, tiny):
             store(g, v, fast_exp(load(row, v) - shift) * weight)
 
 
+@njit(inline="always", **_JIT)
+def _write_blank_like_entry(g, entry, label, has_label, softmax, occupancy, posterior, emit, limit, scale):
+    """``g[entry] = softmax * occupancy - posterior`` (minus ``emit`` too where the row's label is that entry),
+    clamped to ``limit`` and scaled: the entry of a blank (or a big blank) of a row's gradient."""
+    value = softmax * occupancy - posterior
+    if has_label and label == entry:
+        value -= emit
+    store(g, entry, min(max(value, -limit), limit) * scale)
+
+
 @njit(inline="always", **_JIT)  # inlined in Numba's IR: a call per row cost 10% of the pass at V=256
 def _write_arc_entries(g, blank, label, has_label, softmax_blank, softmax_label, occupancy, p_blank, emit, limit,
                        scale):
     """The blank's and the label's entries of a row's gradient, ``softmax * occupancy - posterior`` each
     (both posteriors at the blank when the label is the blank), clamped to ``limit`` and scaled."""
-    g_blank = softmax_blank * occupancy - p_blank
-    if has_label and label == blank:
-        g_blank -= emit
-    store(g, blank, min(max(g_blank, -limit), limit) * scale)
+    _write_blank_like_entry(g, blank, label, has_label, softmax_blank, occupancy, p_blank, emit, limit, scale)
     if has_label and label != blank:
         g_label = softmax_label * occupancy - emit
         store(g, label, min(max(g_label, -limit), limit) * scale)
@@ -466,7 +486,7 @@ def _write_row_gradient(row, g, blank, label, has_label, fused_log_softmax, shif
 
 @njit(**_JIT)
 def _write_frame_gradient(frame, grads, width, labels, U_b, blank, fused_log_softmax, shifts, log_blank, log_emit,
-                          p_blank, emit, clamp, scale, like):
+                          p_blank, emit, clamp, scale, like, extra_entries, log_extra, p_extra):
     """The gradient of one frame's rows, each as :func:`_write_row_gradient` writes it; rows past ``U_b`` 0.
 
     ``frame, grads: (U1, W)`` the frame's logits and gradient; the rows ``u <= U_b`` get their first ``width``
@@ -475,27 +495,41 @@ def _write_frame_gradient(frame, grads, width, labels, U_b, blank, fused_log_sof
     float64 arc weights (see :func:`_write_row_gradient`; ``emit[U_b]`` unused); ``like`` an array of the
     compute dtype.
 
-    The per-row scalars (``1 / sum``, the blank's and the label's softmax) are exponentials of float64 values:
-    taken for all rows at once in loops LLVM vectorises (``fast_exp64``), a row then costs its loop over the
-    vocabulary only (a row's own scalar exps were a third of the pass at V=256). The rows that need a special
-    case (a clamp, no fused log-softmax, a hopeless blank) go through :func:`_write_row_gradient` itself.
+    Extra blank-like arcs (multi-blank's big blanks; none for the other losses, :func:`_no_extra_entries`): arc
+    ``i`` leaves each row through entry ``extra_entries[i]``, with log-probability ``log_extra[u, i]`` and
+    posterior ``p_extra[i, u]`` (float64). A row's occupancy counts them, and their entries get
+    ``softmax * occupancy - posterior`` like the blank's (:func:`_write_blank_like_entry`).
+
+    The per-row scalars (``1 / sum``, the arcs' softmax) are exponentials of float64 values: taken for all rows
+    at once in loops LLVM vectorises (``fast_exp64``), a row then costs its loop over the vocabulary only (a
+    row's own scalar exps were a third of the pass at V=256). The rows that need a special case (a clamp, no
+    fused log-softmax, a hopeless blank) go through :func:`_write_row_gradient` itself.
     """
     wide_vectors()
     n = U_b + 1
+    K = extra_entries.shape[0]
     for u in range(n, grads.shape[0]):
         grads[u, :] = 0
-    scratch = np.empty((4, n))
+    scratch = np.empty((5 + K, n))
     centred = scratch[0]  # x_blank - shift: exact, kept apart from log_blank (see _log_prob)
     inv_sum = scratch[1]
     exp_blank = scratch[2]
     exp_label = scratch[3]
+    blank_like = scratch[4]  # the posteriors of the blank and the extra arcs
+    exp_extra = scratch[5:]
     for u in range(n):
         centred[u] = np.float64(load(frame, (u, blank))) - np.float64(shifts[u])
     for u in range(n):
         inv_sum[u] = fast_exp64(log_blank[u] - centred[u])  # exp(-log_sum), see _row_log_sum
         exp_blank[u] = fast_exp64(log_blank[u])
         exp_label[u] = fast_exp64(log_emit[u])
+        blank_like[u] = p_blank[u]
+    for i in range(K):
+        for u in range(n):
+            exp_extra[i, u] = fast_exp64(log_extra[u, i]) if fused_log_softmax else 0.0
+            blank_like[u] += p_extra[i, u]
     tiny = np.finfo(like.dtype).tiny
+    limit = clamp if clamp > 0 else np.inf
     for u in range(n):
         row = frame[u, :width]
         g = grads[u, :width]
@@ -504,14 +538,20 @@ def _write_frame_gradient(frame, grads, width, labels, U_b, blank, fused_log_sof
         has_label = u < U_b
         label = labels[u] if has_label else blank
         row_emit = emit[u] if has_label else 0.0
+        occupancy = blank_like[u] + row_emit
         if not fused_log_softmax or clamp > 0 or abs(log_blank[u]) > _PIVOT_LIMIT:
             _write_row_gradient(row, g, blank, label, has_label, fused_log_softmax, shifts[u], log_blank[u],
-                                log_emit[u], p_blank[u], row_emit, clamp, scale, like)
-            continue
-        occupancy = p_blank[u] + row_emit
-        _write_softmax_part(row, g, shifts[u], occupancy, inv_sum[u], scale, like, tiny)
-        _write_arc_entries(g, blank, label, has_label, exp_blank[u], exp_label[u], occupancy, p_blank[u], row_emit,
-                           np.inf, scale)
+                                log_emit[u], blank_like[u], row_emit, clamp, scale, like)
+            if K > 0:  # its blank entry took every blank-like arc's posterior: write the blank's own
+                _write_blank_like_entry(g, blank, label, has_label, exp_blank[u] if fused_log_softmax else 0.0,
+                                        occupancy, p_blank[u], row_emit, limit, scale)
+        else:
+            _write_softmax_part(row, g, shifts[u], occupancy, inv_sum[u], scale, like, tiny)
+            _write_arc_entries(g, blank, label, has_label, exp_blank[u], exp_label[u], occupancy, p_blank[u],
+                               row_emit, np.inf, scale)
+        for i in range(K):
+            _write_blank_like_entry(g, extra_entries[i], label, has_label, exp_extra[i, u], occupancy, p_extra[i, u],
+                                    row_emit, limit, scale)
 
 
 @njit(**_JIT)
@@ -550,6 +590,7 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, fused_log_s
     """
     B, T, U1, V = logits.shape
     emit_weight = 1.0 + fastemit_lambda
+    no_entries, no_log_probs, no_posteriors = _no_extra_entries(U1)
     for bt in prange(B * T):
         b = bt // T
         t = bt - b * T
@@ -566,7 +607,8 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, fused_log_s
         _rnnt_frame_posteriors(alphas[b, t], lb, le, betas[b], t, T_b, U_b, log_likelihood[b], emit_weight, p_blank,
                                emit)
         _write_frame_gradient(logits[b, t], grads[b, t], V, targets[b], U_b, blank, fused_log_softmax,
-                              log_norm[b, t], lb, le, p_blank, emit, clamp, grad_scale[b], log_norm)
+                              log_norm[b, t], lb, le, p_blank, emit, clamp, grad_scale[b], log_norm, no_entries,
+                              no_log_probs, no_posteriors)
 
 
 def _serial_variant(kernel):
@@ -826,6 +868,7 @@ def gradients_variant(logits, targets, logit_lengths, target_lengths, blank, fus
     """
     B, T, U1, V = logits.shape
     emit_weight = 1.0 + fastemit_lambda
+    no_entries, no_log_probs, no_posteriors = _no_extra_entries(U1)
     for bt in prange(B * T):
         b = bt // T
         t = bt - b * T
@@ -854,7 +897,8 @@ def gradients_variant(logits, targets, logit_lengths, target_lengths, blank, fus
                 score = _label_score(lb, le, t, u - 1, T_b, True, delay_penalty)
                 p_blank[u] += emit_weight * math.exp(alpha[t, u - 1] + score + _beta_at(beta, t + 1, u, T_b, U_b) - ll)
         _write_frame_gradient(logits[b, t], grads[b, t], V, targets[b], U_b, blank, fused_log_softmax, log_norm[b, t],
-                              lb[t], le[t], p_blank, emit, clamp, grad_scale[b], log_norm)
+                              lb[t], le[t], p_blank, emit, clamp, grad_scale[b], log_norm, no_entries, no_log_probs,
+                              no_posteriors)
 
 
 alphas_and_costs_variant_serial = _serial_variant(alphas_and_costs_variant)

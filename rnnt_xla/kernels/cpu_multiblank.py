@@ -16,8 +16,10 @@ under-normalisation); the costs are ``-(1 + fastemit_lambda) * log P`` and the g
 is clamped per utterance then scaled by ``grad_scale``, as in :mod:`.cpu` (and NeMo).
 
 Passes: :func:`log_normalizers` (``cpu._normalise_frame``, the RNNT pass's row shifts, blank and label
-log-probabilities, plus the big blanks'), :func:`alphas_and_costs`, :func:`betas`, :func:`gradients`
-(``cpu._write_frame_gradient``, the RNNT row writer, then the blank-like entries). Entry points :func:`forward`
+log-probabilities, the big blanks' as its extra entries), :func:`alphas_and_costs` and :func:`betas` (TDT's
+anti-diagonal lattice passes, ``cpu_tdt.skewed_alphas``/``skewed_betas``, over the arcs of
+:func:`arc_durations`), :func:`gradients` (``cpu._write_frame_gradient``, the RNNT frame writer, with the big
+blanks as its extra blank-like arcs). Entry points :func:`forward`
 and :func:`backward`; ``big_blank_durations: (K,) int64``, each ``>= 1``; ``blank`` normalised, ``blank >= K``.
 Padded frames and label positions get exactly zero gradient; 16-bit logits as bits views as in :mod:`.cpu`.
 """
@@ -30,9 +32,9 @@ from typing import NamedTuple
 import numpy as np
 
 from . import cpu
-from .cpu import (_JIT, _beta_at, _cells, _launch, _log_prob, _normalise_frame, _row_log_sum, _rows, _section,
-                  _serial_variant, _write_frame_gradient, njit, prange)
-from .fast_math import cast_like, load, store
+from .cpu import (_JIT, _beta_at, _cells, _launch, _normalise_frame, _rows, _section, _serial_variant,
+                  _write_frame_gradient, njit, prange)
+from .cpu_tdt import skewed_alphas, skewed_betas
 
 __all__ = [
     "Residuals",
@@ -74,115 +76,92 @@ def allocate_residuals(batch: int, frames: int, positions: int, num_big_blanks: 
     return Residuals(*(np.empty(shape, dt) for shape, dt in shapes))
 
 
+@njit(**_JIT)
+def _big_blank_entries(blank, K):
+    """The vocabulary entries of the ``K`` big blanks, ``blank - 1 - i``: ``(K,) int64``."""
+    entries = np.empty(K, np.int64)
+    for i in range(K):
+        entries[i] = blank - 1 - i
+    return entries
+
+
 @njit(parallel=True, **_JIT)
 def log_normalizers(logits, targets, logit_lengths, target_lengths, blank, log_norm, log_blank, log_emit, log_big):
     """Pass 1: each used row as ``cpu.log_normalizers`` (``cpu._normalise_frame``: shift, blank and label
-    log-probabilities), then ``log_big[b, t, u, i]``, the log-probability of big blank ``i`` (entry
-    ``blank - 1 - i``), float64, from the same normaliser while the frame is in cache: a row's ``log_sum``
-    is ``(x_blank - shift) - log_blank`` (see ``cpu._PIVOT_LIMIT``; rows with a masked or hopeless blank sum
-    their row again). ``log_big: (B, T, U1, K)``."""
+    log-probabilities) and ``log_big[b, t, u, i]``, the log-probability of big blank ``i`` (entry
+    ``blank - 1 - i``), float64, from the same normaliser. ``log_big: (B, T, U1, K)``."""
     B, T, U1, V = logits.shape
-    K = log_big.shape[3]
+    entries = _big_blank_entries(blank, log_big.shape[3])
     for bt in prange(B * T):
         b = bt // T
         t = bt - b * T
         if t >= logit_lengths[b]:
             continue
-        U_b = target_lengths[b]
-        _normalise_frame(logits[b, t], V, targets[b], U_b, blank, True, log_norm[b, t], log_blank[b, t],
-                         log_emit[b, t])
+        _normalise_frame(logits[b, t], V, targets[b], target_lengths[b], blank, True, log_norm[b, t],
+                         log_blank[b, t], log_emit[b, t], entries, log_big[b, t])
+
+
+def arc_durations(big_blank_durations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The lattice's arcs as :func:`rnnt_xla.kernels.cpu_tdt.skewed_alphas` takes them: ``durations``
+    ``[0, 1, big blanks in ascending order]`` (the label arc, the standard blank, the big blanks) and ``order:
+    (K,) int64``, the big blank of each of the last ``K`` arcs (an index into ``big_blank_durations``)."""
+    order = np.argsort(big_blank_durations, kind="stable").astype(np.int64)
+    durations = np.concatenate([np.array([0, 1], np.int64), big_blank_durations[order]]).astype(np.int64)
+    return durations, order
+
+
+@njit(**_JIT)
+def _skewed_weights(log_blank, log_emit, log_big, order, T_b, U_b, blank_weights, label_weights):
+    """The arcs' weights of one utterance in the anti-diagonal layout of ``cpu_tdt._skewed_weights``, for the
+    arcs of :func:`arc_durations`: ``blank_weights[1, t + u, u] = log_blank[t, u]``, ``blank_weights[2 + j, t +
+    u, u] = log_big[t, u, order[j]]``, ``label_weights[0, t + u, u] = log_emit[t, u]`` (``blank_weights[0]``, a
+    blank of duration 0, is not an arc). Outputs ``(K + 2, >= T_b + U_b, U_b + 1)`` and ``(1, ..., ...)``."""
+    K = order.shape[0]
+    for t in range(T_b):
         for u in range(U_b + 1):
-            row = logits[b, t, u]
-            shift, log_sum = _row_log_sum(row, blank, log_norm[b, t, u], log_blank[b, t, u], log_norm)
-            for i in range(K):
-                log_big[b, t, u, i] = _log_prob(load(row, blank - 1 - i), shift, log_sum)
+            blank_weights[1, t + u, u] = log_blank[t, u]
+            label_weights[0, t + u, u] = log_emit[t, u]
+            for j in range(K):
+                blank_weights[2 + j, t + u, u] = log_big[t, u, order[j]]
 
 
 @njit(parallel=True, **_JIT)
-def alphas_and_costs(log_blank, log_emit, log_big, logit_lengths, target_lengths, durations, sigma,
+def alphas_and_costs(log_blank, log_emit, log_big, logit_lengths, target_lengths, durations, order, sigma,
                      fastemit_lambda, alphas, log_likelihood, costs):
     """Pass 2: forward variables, ``log P(y|x)`` and ``cost = -(1 + fastemit_lambda) * log P``.
 
     ``alphas[t, u] = logsumexp(alphas[t-1, u] + blank[t-1, u], alphas[t, u-1] + emit[t, u-1],
-    alphas[t-d_i, u] + big[t-d_i, u, i]) - sigma``, walked by anti-diagonals as in
-    :func:`rnnt_xla.kernels.cpu.alphas_and_costs` (every source lies on an earlier diagonal). Each cell's
-    log-sum-exp is shifted by its largest term: independent exps and one log, where pairwise log-adds
-    would chain ``K + 1`` exp/log1p pairs (twice as slow with three big blanks here).
+    alphas[t-d_i, u] + big[t-d_i, u, i]) - sigma``: TDT's lattice pass (``cpu_tdt.skewed_alphas``, by
+    anti-diagonals in vectorised loops) with the arcs of :func:`arc_durations` (``durations``, ``order``),
+    labels only of duration 0. The final state sums the standard blank of ``(T_b - 1, U_b)`` and each big blank
+    of ``(T_b - d_i, U_b)``.
     """
     B = log_blank.shape[0]
-    K = durations.shape[0]
+    D = durations.shape[0]
     for b in prange(B):
         T_b = logit_lengths[b]
         U_b = target_lengths[b]
-        alpha = alphas[b]
-        blank = log_blank[b]
-        emit = log_emit[b]
-        big = log_big[b]
-        alpha[0, 0] = 0.0
-        for d in range(1, T_b + U_b):
-            for u in range(max(0, d - T_b + 1), min(d, U_b) + 1):
-                t = d - u
-                from_blank = alpha[t - 1, u] + blank[t - 1, u] if t > 0 else -np.inf
-                from_label = alpha[t, u - 1] + emit[t, u - 1] if u > 0 else -np.inf
-                m = max(from_blank, from_label)
-                for i in range(K):
-                    s = t - durations[i]
-                    if s >= 0:
-                        m = max(m, alpha[s, u] + big[s, u, i])
-                shift = m if abs(m) < np.inf else 0.0  # -inf: no arc in; NaN and inf propagate through exp
-                total = math.exp(from_blank - shift) + math.exp(from_label - shift)
-                for i in range(K):
-                    s = t - durations[i]
-                    if s >= 0:
-                        total += math.exp(alpha[s, u] + big[s, u, i] - shift)
-                alpha[t, u] = shift + math.log(total) - sigma  # each arc in carries one -sigma
-        ll = alpha[T_b - 1, U_b] + blank[T_b - 1, U_b]
-        m = ll
-        for i in range(K):
-            s = T_b - durations[i]
-            if s >= 0:
-                m = max(m, alpha[s, U_b] + big[s, U_b, i])
-        shift = m if abs(m) < np.inf else 0.0
-        total = math.exp(ll - shift)
-        for i in range(K):
-            s = T_b - durations[i]
-            if s >= 0:
-                total += math.exp(alpha[s, U_b] + big[s, U_b, i] - shift)
-        ll = shift + math.log(total) - sigma
+        wb = np.empty((D, T_b + U_b, U_b + 1))
+        we = np.empty((1, T_b + U_b, U_b + 1))
+        _skewed_weights(log_blank[b], log_emit[b], log_big[b], order, T_b, U_b, wb, we)
+        ll = skewed_alphas(wb, we, durations, 1, T_b, U_b, sigma, alphas[b])
         log_likelihood[b] = ll
         costs[b] = -(1.0 + fastemit_lambda) * ll
 
 
 @njit(parallel=True, **_JIT)
-def betas(log_blank, log_emit, log_big, logit_lengths, target_lengths, durations, sigma, out):
-    """Pass 3: backward variables ``out: (B, T, U1)`` float64, anti-diagonal by anti-diagonal from the end
-    (every successor lies on a later diagonal); arcs into the frame ``T_b`` end the lattice if ``u = U_b``."""
+def betas(log_blank, log_emit, log_big, logit_lengths, target_lengths, durations, order, sigma, out):
+    """Pass 3: backward variables ``out: (B, T, U1)`` float64 (``cpu_tdt.skewed_betas`` over the arcs of
+    :func:`arc_durations`); arcs into the frame ``T_b`` end the lattice if ``u = U_b``."""
     B = log_blank.shape[0]
-    K = durations.shape[0]
+    D = durations.shape[0]
     for b in prange(B):
         T_b = logit_lengths[b]
         U_b = target_lengths[b]
-        beta = out[b]
-        blank = log_blank[b]
-        emit = log_emit[b]
-        big = log_big[b]
-        for d in range(T_b + U_b - 1, -1, -1):
-            for u in range(max(0, d - T_b + 1), min(d, U_b) + 1):
-                t = d - u
-                to_blank = _beta_at(beta, t + 1, u, T_b, U_b) + blank[t, u]
-                to_label = beta[t, u + 1] + emit[t, u] if u < U_b else -np.inf
-                m = max(to_blank, to_label)
-                for i in range(K):
-                    s = t + durations[i]
-                    if s <= T_b:
-                        m = max(m, _beta_at(beta, s, u, T_b, U_b) + big[t, u, i])
-                shift = m if abs(m) < np.inf else 0.0
-                total = math.exp(to_blank - shift) + math.exp(to_label - shift)
-                for i in range(K):
-                    s = t + durations[i]
-                    if s <= T_b:
-                        total += math.exp(_beta_at(beta, s, u, T_b, U_b) + big[t, u, i] - shift)
-                beta[t, u] = shift + math.log(total) - sigma  # each arc out carries one -sigma
+        wb = np.empty((D, T_b + U_b, U_b + 1))
+        we = np.empty((1, T_b + U_b, U_b + 1))
+        _skewed_weights(log_blank[b], log_emit[b], log_big[b], order, T_b, U_b, wb, we)
+        skewed_betas(wb, we, durations, 1, T_b, U_b, sigma, out[b])
 
 
 @njit(parallel=True, **_JIT)
@@ -193,12 +172,13 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, durations, 
     With ``P_blank``, ``P_big_i`` and ``P_label`` the posteriors of the arcs out of ``(t, u)``, every entry
     gets ``softmax_v * (P_blank + sum_i P_big_i + (1 + lambda) * P_label)`` and the arcs' entries minus their
     posterior (``(1 + lambda) * P_label`` at the label); sigma shifts every arc's log-probability, not the
-    softmax (NeMo's ``compute_multiblank_grad_kernel``).
+    softmax (NeMo's ``compute_multiblank_grad_kernel``). The rows are written by the RNNT frame writer
+    (``cpu._write_frame_gradient``) with the big blanks as its extra blank-like arcs.
     """
     B, T, U1, V = logits.shape
     K = durations.shape[0]
     emit_weight = 1.0 + fastemit_lambda
-    limit = clamp if clamp > 0 else np.inf
+    entries = _big_blank_entries(blank, K)
     for bt in prange(B * T):
         b = bt // T
         t = bt - b * T
@@ -207,43 +187,23 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, durations, 
         if t >= T_b:
             grads[b, t] = 0
             continue
-        scale = grad_scale[b]
         ll = log_likelihood[b]
         beta = betas[b]
         n = U_b + 1
-        weights = np.empty((3 + K, n))  # per row: P_blank, all blank-like arcs' sum, (1 + lambda) P_label, P_big_i
+        weights = np.empty((2 + K, n))  # per row: P_blank, (1 + lambda) P_label, P_big_i
         p_blank = weights[0]
-        blanks = weights[1]
-        emit = weights[2]
-        p_big = weights[3:]
+        emit = weights[1]
+        p_big = weights[2:]
         for u in range(n):
             alpha = alphas[b, t, u] - sigma - ll  # every arc's posterior: exp(alpha + log_prob - sigma + beta - ll)
             p_blank[u] = math.exp(alpha + log_blank[b, t, u] + _beta_at(beta, t + 1, u, T_b, U_b))
-            blanks[u] = p_blank[u]
             for i in range(K):
                 s = t + durations[i]
                 p_big[i, u] = math.exp(alpha + log_big[b, t, u, i] + _beta_at(beta, s, u, T_b, U_b)) if s <= T_b else 0.0
-                blanks[u] += p_big[i, u]
             emit[u] = emit_weight * math.exp(alpha + log_emit[b, t, u] + beta[t, u + 1]) if u < U_b else 0.0
-        # the shared frame writer with every blank-like arc's weight at the blank: right for the softmax part
-        # of every entry and for the label; the blank and the big blanks are then rewritten
         _write_frame_gradient(logits[b, t], grads[b, t], V, targets[b], U_b, blank, True, log_norm[b, t],
-                              log_blank[b, t], log_emit[b, t], blanks, emit, clamp, scale, log_norm)
-        for u in range(n):
-            g = grads[b, t, u]
-            label = targets[b, u] if u < U_b else blank
-            occupancy = blanks[u] + emit[u]
-            # the arcs' own entries, from the lattice's log-probabilities (exp in the compute dtype, as the
-            # writer); a label may coincide with the blank or a big blank
-            g_blank = math.exp(cast_like(log_blank[b, t, u], log_norm)) * occupancy - p_blank[u]
-            if u < U_b and label == blank:
-                g_blank -= emit[u]
-            store(g, blank, min(max(g_blank, -limit), limit) * scale)
-            for i in range(K):
-                g_big = math.exp(cast_like(log_big[b, t, u, i], log_norm)) * occupancy - p_big[i, u]
-                if u < U_b and label == blank - 1 - i:
-                    g_big -= emit[u]
-                store(g, blank - 1 - i, min(max(g_big, -limit), limit) * scale)
+                              log_blank[b, t], log_emit[b, t], p_blank, emit, clamp, grad_scale[b], log_norm, entries,
+                              log_big[b, t], p_big)
 
 
 log_normalizers_serial = _serial_variant(log_normalizers)
@@ -262,6 +222,7 @@ def forward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray, 
     :class:`Residuals` or any sequence of its six arrays in that order.
     """
     durations = np.ascontiguousarray(big_blank_durations, dtype=np.int64)
+    arcs, order = arc_durations(durations)
     residuals = Residuals(*residuals)
     rows = _rows(logits)
     with _section("multiblank/log_normalizers", rows, 1):
@@ -270,7 +231,7 @@ def forward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray, 
     cells = _cells(residuals.alphas)
     with _section("multiblank/alphas_and_costs", 1, cells):
         _launch(alphas_and_costs, alphas_and_costs_serial, cells, residuals.log_blank, residuals.log_emit,
-                residuals.log_big_blanks, logit_lengths, target_lengths, durations, float(sigma),
+                residuals.log_big_blanks, logit_lengths, target_lengths, arcs, order, float(sigma),
                 float(fastemit_lambda), residuals.alphas, residuals.log_likelihood, costs)
 
 
@@ -280,12 +241,13 @@ def backward(logits: np.ndarray, targets: np.ndarray, logit_lengths: np.ndarray,
     """Gradient w.r.t. ``logits`` into ``grads`` (same shape and dtype), clamped per utterance then scaled
     by ``grad_scale: (B,) float64``. Allocates only the ``(B, T, U1)`` betas."""
     durations = np.ascontiguousarray(big_blank_durations, dtype=np.int64)
+    arcs, order = arc_durations(durations)
     residuals = Residuals(*residuals)
     beta = np.empty_like(residuals.alphas)
     cells = _cells(beta)
     with _section("multiblank/betas", 1, cells):
         _launch(betas, betas_serial, cells, residuals.log_blank, residuals.log_emit, residuals.log_big_blanks,
-                logit_lengths, target_lengths, durations, float(sigma), beta)
+                logit_lengths, target_lengths, arcs, order, float(sigma), beta)
     rows = _rows(logits)
     with _section("multiblank/gradients", rows, 1):
         _launch(gradients, gradients_serial, rows, logits, targets, logit_lengths, target_lengths, blank, durations,

@@ -14,8 +14,9 @@ Four passes, as in :mod:`rnnt_xla.kernels.cpu` (whose helpers they share), none 
    log-probabilities (``cpu._normalise_frame``, the same code as the RNNT pass), and each row's duration
    log-softmax (all rows of a frame at once);
 2. :func:`alphas_and_costs` (parallel over the batch): forward variables over the duration arcs, costs,
-   anti-diagonal by anti-diagonal (the cells of one are independent);
-3. :func:`betas` (parallel over the batch): backward variables, the same way;
+   anti-diagonal by anti-diagonal (the cells of one are independent; :func:`skewed_alphas`, which multi-blank
+   RNNT's lattice uses too);
+3. :func:`betas` (parallel over the batch): backward variables, the same way (:func:`skewed_betas`);
 4. :func:`gradients` (parallel over frames): the arcs' posteriors of all rows of a frame, then one sweep of
    each frame writes its rows' label parts (``cpu._write_frame_gradient``, the RNNT writer) and their duration
    parts.
@@ -48,8 +49,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import cpu
-from .cpu import (_JIT, _launch, _log_prob, _normalise_frame, _rnnt_frame_posteriors, _section, _serial_variant,
-                  _write_frame_gradient)
+from .cpu import (_JIT, _launch, _log_prob, _no_extra_entries, _normalise_frame, _rnnt_frame_posteriors, _section,
+                  _serial_variant, _write_frame_gradient)
 from .fast_math import fast_exp64, load, store
 from .numba_startup import paused_garbage_collector
 
@@ -150,7 +151,7 @@ def normalizers(logits, targets, logit_lengths, target_lengths, blank, log_norm,
             continue
         U_b = target_lengths[b]
         _normalise_frame(logits[b, t], V, targets[b], U_b, blank, True, log_norm[b, t], log_blank[b, t],
-                         log_emit[b, t])
+                         log_emit[b, t], None, None)
         _duration_log_softmax(logits[b, t], V, U_b + 1, log_durations[b, t], np.empty((D + 2, U_b + 1)))
 
 
@@ -201,10 +202,10 @@ def _fold_terms(sweep, m, acc, cell, lattice, row, col, weights, i, weight_row, 
 
 
 @njit(**_JIT)
-def _alpha_terms(sweep, m, acc, a, wb, we, durations, k, lo, hi):
+def _alpha_terms(sweep, m, acc, a, wb, we, durations, label_arcs, k, lo, hi):
     """Sweep ``sweep`` (:func:`_fold_terms`) over the arcs into the cells ``lo <= u < hi`` of anti-diagonal
     ``k``: the blank of duration ``d > 0`` from ``(t - d, u)`` (anti-diagonal ``k - d``), the label from
-    ``(t - d, u - 1)`` (``k - d - 1``), where ``t - d >= 0``."""
+    ``(t - d, u - 1)`` (``k - d - 1``) for the first ``label_arcs`` durations, where ``t - d >= 0``."""
     for i in range(durations.shape[0]):
         d = durations[i]
         end = min(hi, k - d + 1)  # the source (t - d, .) exists: u <= k - d
@@ -213,15 +214,15 @@ def _alpha_terms(sweep, m, acc, a, wb, we, durations, k, lo, hi):
         if d > 0:
             _fold_terms(sweep, m, acc, lo, a, k - d, lo, wb, i, k - d, lo, end - lo)
         start = max(lo, 1)
-        if start < end:
+        if i < label_arcs and start < end:
             _fold_terms(sweep, m, acc, start, a, k - d - 1, start - 1, we, i, k - d - 1, start - 1, end - start)
 
 
 @njit(**_JIT)
-def _beta_terms(sweep, m, acc, z, wb, we, durations, T_b, U_b, k, lo, hi):
+def _beta_terms(sweep, m, acc, z, wb, we, durations, label_arcs, T_b, U_b, k, lo, hi):
     """Sweep ``sweep`` over the arcs out of the cells ``lo <= u < hi`` of anti-diagonal ``k``: the blank of
-    duration ``d > 0`` to ``(t + d, u)`` where ``t + d <= T_b``, the label to ``(t + d, u + 1)`` where
-    ``t + d < T_b`` and ``u < U_b``."""
+    duration ``d > 0`` to ``(t + d, u)`` where ``t + d <= T_b``, the label (the first ``label_arcs`` durations)
+    to ``(t + d, u + 1)`` where ``t + d < T_b`` and ``u < U_b``."""
     for i in range(durations.shape[0]):
         d = durations[i]
         start = max(lo, k + d - T_b)  # the blank ends at t + d <= T_b
@@ -231,7 +232,7 @@ def _beta_terms(sweep, m, acc, z, wb, we, durations, T_b, U_b, k, lo, hi):
             _fold_terms(sweep, m, acc, start, z, k + d, start, wb, i, k, start, hi - start)
         start = max(lo, k + d - T_b + 1)
         end = min(hi, U_b)
-        if start < end:
+        if i < label_arcs and start < end:
             _fold_terms(sweep, m, acc, start, z, k + d + 1, start + 1, we, i, k, start, end - start)
 
 
@@ -303,112 +304,131 @@ def _finish_cells(m, acc, lo, hi, sigma, lattice, row):
         lattice[row, u] = m[u] + math.log(acc[u]) - sigma
 
 
+@njit(**_JIT)
+def skewed_alphas(wb, we, durations, label_arcs, T_b, U_b, sigma, alpha):
+    """The forward variables of one utterance from its arcs' weights in the layout of :func:`_skewed_weights`,
+    into ``alpha: (>= T_b, >= U_b + 1)`` float64, and its ``log P`` (returned).
+
+    An arc into ``(t, u)`` of duration ``d = durations[i]`` (ascending) leaves ``(t - d, u)`` (a blank, ``d > 0``,
+    weight ``wb[i, t - d + u, u]``) or, for ``i < label_arcs``, ``(t - d, u - 1)`` (a label, weight
+    ``we[i, t - d + u - 1, u - 1]``); ``alpha = logsumexp(alpha[source] + weight) - sigma``, and the final state
+    ``(T_b, U_b)`` sums the blanks that end exactly at ``T_b``. TDT has label arcs of every duration; multi-blank
+    RNNT (durations ``[0, 1, big blanks...]``) only of duration 0.
+
+    Every arc goes to a later anti-diagonal ``t + u``, so the cells of one anti-diagonal are independent: they
+    are computed together, one vectorised loop per arc kind and duration. Each cell's log-sum-exp is shifted
+    by a guess, the larger of its neighbours ``(t - 1, u)`` and ``(t, u - 1)`` (one loop of ``exp`` per arc,
+    ``fast_exp64``, one ``log`` per cell). An anti-diagonal where a sum leaves ``[_GUESS_LOW, _GUESS_HIGH]`` (a
+    cell far from its neighbours, unreachable, or NaN) is summed again with each cell's largest term as its
+    shift.
+    """
+    D = durations.shape[0]
+    n = U_b + 1
+    K = T_b + U_b  # anti-diagonals k = t + u of the cells
+    a = np.empty((K, n))  # a[t + u, u] = alpha[t, u]
+    m = np.empty(n)
+    acc = np.empty(n)
+    a[0, 0] = 0.0
+    for k in range(1, K):
+        lo = max(0, k - T_b + 1)  # the cells (k - u, u) with lo <= u < hi
+        hi = min(k, U_b) + 1
+        _guess_alpha_shifts(a, k, lo, hi, m)
+        _start_sums(acc, lo, hi)
+        _alpha_terms(1, m, acc, a, wb, we, durations, label_arcs, k, lo, hi)
+        if not _sums_in_range(acc, lo, hi):
+            _start_cells(m, acc, lo, hi)
+            _alpha_terms(0, m, acc, a, wb, we, durations, label_arcs, k, lo, hi)
+            _shifts(m, lo, hi)
+            _alpha_terms(1, m, acc, a, wb, we, durations, label_arcs, k, lo, hi)
+        _finish_cells(m, acc, lo, hi, sigma, a, k)
+    for t in range(T_b):
+        for u in range(n):
+            alpha[t, u] = a[t + u, u]
+    # the final state (T_b, U_b): the blanks that end exactly at T_b
+    last = -np.inf
+    for i in range(D):
+        s = T_b - durations[i]
+        if durations[i] > 0 and s >= 0:
+            last = _fold_max(last, alpha[s, U_b] + wb[i, s + U_b, U_b])
+    if last == -np.inf:
+        return -np.inf
+    total = 0.0
+    for i in range(D):
+        s = T_b - durations[i]
+        if durations[i] > 0 and s >= 0:
+            total += math.exp(alpha[s, U_b] + wb[i, s + U_b, U_b] - last)
+    return last + math.log(total) - sigma
+
+
+@njit(**_JIT)
+def skewed_betas(wb, we, durations, label_arcs, T_b, U_b, sigma, beta):
+    """The backward variables of one utterance into ``beta: (>= T_b, >= U_b + 1)`` float64,
+    ``beta[t, u] = logsumexp(outgoing arcs' weight + beta[next]) - sigma``, over the arcs of
+    :func:`skewed_alphas`, anti-diagonal by anti-diagonal from the end of the lattice (the guess: the larger of
+    ``(t + 1, u)`` and ``(t, u + 1)``).
+
+    A blank of duration ``d > 0`` needs ``t + d <= T_b`` and a label ``t + d < T_b``, ``u < U_b``; of the
+    states past the last frame only the final one, ``(T_b, U_b)``, exists (``beta = 0``).
+    """
+    n = U_b + 1
+    K = T_b + U_b
+    z = np.empty((K + 1, n))  # z[t + u, u] = beta[t, u], with the states (T_b, u) of frame T_b
+    for u in range(U_b):
+        z[T_b + u, u] = -np.inf
+    z[K, U_b] = 0.0
+    m = np.empty(n)
+    acc = np.empty(n)
+    for k in range(K - 1, -1, -1):
+        lo = max(0, k - T_b + 1)
+        hi = min(k, U_b) + 1
+        _guess_beta_shifts(z, k, lo, hi, U_b, m)
+        _start_sums(acc, lo, hi)
+        _beta_terms(1, m, acc, z, wb, we, durations, label_arcs, T_b, U_b, k, lo, hi)
+        if not _sums_in_range(acc, lo, hi):
+            _start_cells(m, acc, lo, hi)
+            _beta_terms(0, m, acc, z, wb, we, durations, label_arcs, T_b, U_b, k, lo, hi)
+            _shifts(m, lo, hi)
+            _beta_terms(1, m, acc, z, wb, we, durations, label_arcs, T_b, U_b, k, lo, hi)
+        _finish_cells(m, acc, lo, hi, sigma, z, k)
+    for t in range(T_b):
+        for u in range(n):
+            beta[t, u] = z[t + u, u]
+
+
 @njit(parallel=True, **_JIT)
 def alphas_and_costs(log_blank, log_emit, log_durations, durations, logit_lengths, target_lengths, sigma,
                      fastemit_lambda, alphas, log_likelihood, costs):
     """Pass 2: ``alphas[b, t, u] = logsumexp(incoming arcs) - sigma``, ``log P`` and
-    ``cost = -(1 + fastemit_lambda) * log P``.
+    ``cost = -(1 + fastemit_lambda) * log P`` (:func:`skewed_alphas`).
 
     An arc into ``(t, u)`` with duration ``d`` leaves ``(t - d, u)`` (blank, ``d > 0``) or ``(t - d, u - 1)``
-    (label); its weight minus sigma is ``log_blank/log_emit + log_durations`` there. Every arc goes to a later
-    anti-diagonal ``t + u``, so the cells of one anti-diagonal are independent: they are computed together,
-    in the layout of :func:`_skewed_weights`, one vectorised loop per arc kind and duration.
-
-    Each cell's log-sum-exp is shifted by a guess, the larger of its neighbours ``(t - 1, u)`` and
-    ``(t, u - 1)`` (one loop of ``exp`` per arc, ``fast_exp64``, one ``log`` per cell). An anti-diagonal where a
-    sum leaves ``[_GUESS_LOW, _GUESS_HIGH]`` (a cell far from its neighbours, unreachable, or NaN) is summed
-    again with each cell's largest term as its shift.
+    (label); its weight minus sigma is ``log_blank/log_emit + log_durations`` there.
     """
     B = log_blank.shape[0]
     D = durations.shape[0]
     for b in prange(B):
         T_b = logit_lengths[b]
         U_b = target_lengths[b]
-        n = U_b + 1
-        K = T_b + U_b  # anti-diagonals k = t + u of the cells
-        wb = np.empty((D, K, n))
-        we = np.empty((D, K, n))
+        wb = np.empty((D, T_b + U_b, U_b + 1))
+        we = np.empty((D, T_b + U_b, U_b + 1))
         _skewed_weights(log_blank[b], log_emit[b], log_durations[b], T_b, U_b, wb, we)
-        a = np.empty((K, n))  # a[t + u, u] = alpha[t, u]
-        m = np.empty(n)
-        acc = np.empty(n)
-        a[0, 0] = 0.0
-        for k in range(1, K):
-            lo = max(0, k - T_b + 1)  # the cells (k - u, u) with lo <= u < hi
-            hi = min(k, U_b) + 1
-            _guess_alpha_shifts(a, k, lo, hi, m)
-            _start_sums(acc, lo, hi)
-            _alpha_terms(1, m, acc, a, wb, we, durations, k, lo, hi)
-            if not _sums_in_range(acc, lo, hi):
-                _start_cells(m, acc, lo, hi)
-                _alpha_terms(0, m, acc, a, wb, we, durations, k, lo, hi)
-                _shifts(m, lo, hi)
-                _alpha_terms(1, m, acc, a, wb, we, durations, k, lo, hi)
-            _finish_cells(m, acc, lo, hi, sigma, a, k)
-        alpha = alphas[b]
-        for t in range(T_b):
-            for u in range(n):
-                alpha[t, u] = a[t + u, u]
-        # the final state (T_b, U_b): the blanks that end exactly at T_b
-        last = -np.inf
-        for i in range(D):
-            s = T_b - durations[i]
-            if durations[i] > 0 and s >= 0:
-                last = _fold_max(last, alpha[s, U_b] + wb[i, s + U_b, U_b])
-        ll = -np.inf
-        if last != -np.inf:
-            total = 0.0
-            for i in range(D):
-                s = T_b - durations[i]
-                if durations[i] > 0 and s >= 0:
-                    total += math.exp(alpha[s, U_b] + wb[i, s + U_b, U_b] - last)
-            ll = last + math.log(total) - sigma
+        ll = skewed_alphas(wb, we, durations, D, T_b, U_b, sigma, alphas[b])
         log_likelihood[b] = ll
         costs[b] = -(1.0 + fastemit_lambda) * ll
 
 
 @njit(parallel=True, **_JIT)
 def betas(log_blank, log_emit, log_durations, durations, logit_lengths, target_lengths, sigma, out):
-    """Pass 3: backward variables ``out: (B, T, U1)`` float64,
-    ``beta[t, u] = logsumexp(outgoing arcs' weight + beta[next]) - sigma``, anti-diagonal by anti-diagonal from
-    the end of the lattice as in :func:`alphas_and_costs` (the guess: the larger of ``(t + 1, u)`` and
-    ``(t, u + 1)``).
-
-    A blank of duration ``d > 0`` needs ``t + d <= T_b`` and a label ``t + d < T_b``, ``u < U_b``; of the
-    states past the last frame only the final one, ``(T_b, U_b)``, exists (``beta = 0``).
-    """
+    """Pass 3: backward variables ``out: (B, T, U1)`` float64 (:func:`skewed_betas`)."""
     B = log_blank.shape[0]
     D = durations.shape[0]
     for b in prange(B):
         T_b = logit_lengths[b]
         U_b = target_lengths[b]
-        n = U_b + 1
-        K = T_b + U_b
-        wb = np.empty((D, K, n))
-        we = np.empty((D, K, n))
+        wb = np.empty((D, T_b + U_b, U_b + 1))
+        we = np.empty((D, T_b + U_b, U_b + 1))
         _skewed_weights(log_blank[b], log_emit[b], log_durations[b], T_b, U_b, wb, we)
-        z = np.empty((K + 1, n))  # z[t + u, u] = beta[t, u], with the states (T_b, u) of frame T_b
-        for u in range(U_b):
-            z[T_b + u, u] = -np.inf
-        z[K, U_b] = 0.0
-        m = np.empty(n)
-        acc = np.empty(n)
-        for k in range(K - 1, -1, -1):
-            lo = max(0, k - T_b + 1)
-            hi = min(k, U_b) + 1
-            _guess_beta_shifts(z, k, lo, hi, U_b, m)
-            _start_sums(acc, lo, hi)
-            _beta_terms(1, m, acc, z, wb, we, durations, T_b, U_b, k, lo, hi)
-            if not _sums_in_range(acc, lo, hi):
-                _start_cells(m, acc, lo, hi)
-                _beta_terms(0, m, acc, z, wb, we, durations, T_b, U_b, k, lo, hi)
-                _shifts(m, lo, hi)
-                _beta_terms(1, m, acc, z, wb, we, durations, T_b, U_b, k, lo, hi)
-            _finish_cells(m, acc, lo, hi, sigma, z, k)
-        beta = out[b]
-        for t in range(T_b):
-            for u in range(n):
-                beta[t, u] = z[t + u, u]
+        skewed_betas(wb, we, durations, D, T_b, U_b, sigma, out[b])
 
 
 @njit(**_JIT)
@@ -473,6 +493,7 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, durations, 
     D = durations.shape[0]
     V = W - D
     emit_weight = 1.0 + fastemit_lambda
+    no_entries, no_log_probs, no_posteriors = _no_extra_entries(U1)
     for bt in prange(B * T):
         b = bt // T
         t = bt - b * T
@@ -521,7 +542,7 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, durations, 
         for u in range(n):
             emit[u] = emit_weight * p_label[u]
         _write_frame_gradient(logits[b, t], grads[b, t], V, targets[b], U_b, blank, True, log_norm[b, t], lb, le,
-                              p_blank, emit, clamp, scale, log_norm)
+                              p_blank, emit, clamp, scale, log_norm, no_entries, no_log_probs, no_posteriors)
         for u in range(n):
             g = grads[b, t, u]
             if label_head_only:
