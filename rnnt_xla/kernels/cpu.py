@@ -555,14 +555,11 @@ def _write_frame_gradient(frame, grads, width, labels, U_b, blank, fused_log_sof
 
 
 @njit(**_JIT)
-def _rnnt_frame_posteriors(alpha, log_blank, log_emit, beta, t, T_b, U_b, log_likelihood, label_weight, p_blank,
-                           p_label):
-    """The posteriors of the blank and label arcs out of the rows ``u <= U_b`` of frame ``t``,
-    ``p_blank[u] = exp(alpha + log_blank + beta[t + 1, u] - log P)`` (on the last frame only the final blank,
-    which ends the lattice) and ``p_label[u] = label_weight * exp(alpha + log_emit + beta[t, u + 1] - log P)``
-    (0 at ``U_b``), in vectorised loops (``fast_exp64``).
+def _blank_posteriors(alpha, log_blank, beta, t, T_b, U_b, log_likelihood, p_blank):
+    """``p_blank[u] = exp(alpha + log_blank + beta[t + 1, u] - log P)`` for the rows ``u <= U_b`` of frame ``t``
+    (on the last frame only the final blank, which ends the lattice), in a vectorised loop (``fast_exp64``).
 
-    ``alpha, log_blank, log_emit: (>= U_b + 1,)`` of the frame, ``beta: (T, U1)`` of the utterance."""
+    ``alpha, log_blank: (>= U_b + 1,)`` of the frame, ``beta: (T, U1)`` of the utterance."""
     wide_vectors()
     n = U_b + 1
     if t < T_b - 1:
@@ -573,6 +570,18 @@ def _rnnt_frame_posteriors(alpha, log_blank, log_emit, beta, t, T_b, U_b, log_li
         for u in range(n):
             p_blank[u] = 0.0
         p_blank[U_b] = fast_exp64(alpha[U_b] + log_blank[U_b] - log_likelihood)
+
+
+@njit(**_JIT)
+def _rnnt_frame_posteriors(alpha, log_blank, log_emit, beta, t, T_b, U_b, log_likelihood, label_weight, p_blank,
+                           p_label):
+    """The posteriors of the blank and label arcs out of the rows ``u <= U_b`` of frame ``t``,
+    ``p_blank`` as :func:`_blank_posteriors` and ``p_label[u] = label_weight * exp(alpha + log_emit +
+    beta[t, u + 1] - log P)`` (0 at ``U_b``), in vectorised loops (``fast_exp64``).
+
+    ``alpha, log_blank, log_emit: (>= U_b + 1,)`` of the frame, ``beta: (T, U1)`` of the utterance."""
+    wide_vectors()
+    _blank_posteriors(alpha, log_blank, beta, t, T_b, U_b, log_likelihood, p_blank)
     this_beta = beta[t]
     for u in range(U_b):
         p_label[u] = label_weight * fast_exp64(alpha[u] + log_emit[u] + this_beta[u + 1] - log_likelihood)
@@ -855,17 +864,46 @@ def betas_variant(log_blank, log_emit, logit_lengths, target_lengths, one_symbol
                     beta[t, u] = label if t == T_b - 1 else _log_add(beta[t + 1, u] + blank[t, u], label)
 
 
+@njit(**_JIT)
+def _variant_frame_posteriors(alpha, log_blank, log_emit, beta, t, T_b, U_b, log_likelihood, label_weight,
+                              one_symbol_per_frame, context_blank, delay_penalty, p_blank, p_label):
+    """The posteriors of the variant's arcs out of the rows ``u <= U_b`` of frame ``t``, as
+    :func:`_rnnt_frame_posteriors`: the blank's, and ``p_label[u]`` (times ``label_weight``) that of the label
+    arc to ``(t + 1, u + 1)`` (``(t, u + 1)`` without ``one_symbol_per_frame``) with the score of
+    :func:`_label_score` (the delay penalty, a constant of the frame, goes with ``log P``). With
+    ``context_blank`` the label arc out of ``(t, u - 1)`` also uses the blank of ``(t, u)``, so its posterior
+    is added to ``p_blank[u]``. Vectorised loops (``fast_exp64``)."""
+    wide_vectors()
+    _blank_posteriors(alpha, log_blank, beta, t, T_b, U_b, log_likelihood, p_blank)
+    offset = log_likelihood - delay_penalty * ((T_b - 1) * 0.5 - t)
+    for u in range(U_b):
+        p_label[u] = alpha[u] + log_emit[u] - offset  # the exponent, less the next state's beta
+    if context_blank:
+        for u in range(U_b):
+            p_label[u] += log_blank[u + 1]
+    target = t + 1 if one_symbol_per_frame else t
+    if target < T_b:
+        next_beta = beta[target]
+        for u in range(U_b):
+            p_label[u] = label_weight * fast_exp64(p_label[u] + next_beta[u + 1])
+    else:  # past the last frame only the end of the lattice, (T_b, U_b), is a state
+        last = p_label[U_b - 1] if U_b > 0 else 0.0
+        for u in range(U_b):
+            p_label[u] = 0.0
+        if U_b > 0:
+            p_label[U_b - 1] = label_weight * fast_exp64(last)
+    p_label[U_b] = 0.0
+    if context_blank:
+        for u in range(1, U_b + 1):
+            p_blank[u] += p_label[u - 1]
+
+
 @njit(parallel=True, **_JIT)
 def gradients_variant(logits, targets, logit_lengths, target_lengths, blank, fused_log_softmax, fastemit_lambda,
                       clamp, one_symbol_per_frame, context_blank, delay_penalty, grad_scale, log_norm, log_blank,
                       log_emit, alphas, betas, log_likelihood, grads):
     """Pass 4 of the variants, as :func:`gradients` (the same frame writer, :func:`_write_frame_gradient`);
-    the posteriors are those of the variant's arcs.
-
-    ``p_label`` is the posterior of the label arc out of ``(t, u)``; with ``"constrained"`` the label arc
-    out of ``(t, u - 1)`` also uses the blank of ``(t, u)``, so its posterior (times ``1 + lambda``) is added
-    to the blank's.
-    """
+    the posteriors are those of the variant's arcs (:func:`_variant_frame_posteriors`)."""
     B, T, U1, V = logits.shape
     emit_weight = 1.0 + fastemit_lambda
     no_entries, no_log_probs, no_posteriors = _no_extra_entries(U1)
@@ -877,27 +915,15 @@ def gradients_variant(logits, targets, logit_lengths, target_lengths, blank, fus
         if t >= T_b:
             grads[b, t] = 0
             continue
-        ll = log_likelihood[b]
-        alpha = alphas[b]
-        beta = betas[b]
-        lb = log_blank[b]
-        le = log_emit[b]
-        step = 1 if one_symbol_per_frame else 0
-        n = U_b + 1
-        weights = np.empty((2, n))
+        weights = np.empty((2, U_b + 1))
         p_blank = weights[0]
         emit = weights[1]
-        for u in range(n):
-            p_blank[u] = math.exp(alpha[t, u] + lb[t, u] + _beta_at(beta, t + 1, u, T_b, U_b) - ll)
-            emit[u] = 0.0
-            if u < U_b:
-                score = _label_score(lb, le, t, u, T_b, context_blank, delay_penalty)
-                emit[u] = emit_weight * math.exp(alpha[t, u] + score + _beta_at(beta, t + step, u + 1, T_b, U_b) - ll)
-            if context_blank and u > 0:
-                score = _label_score(lb, le, t, u - 1, T_b, True, delay_penalty)
-                p_blank[u] += emit_weight * math.exp(alpha[t, u - 1] + score + _beta_at(beta, t + 1, u, T_b, U_b) - ll)
+        lb = log_blank[b, t]
+        le = log_emit[b, t]
+        _variant_frame_posteriors(alphas[b, t], lb, le, betas[b], t, T_b, U_b, log_likelihood[b], emit_weight,
+                                  one_symbol_per_frame, context_blank, delay_penalty, p_blank, emit)
         _write_frame_gradient(logits[b, t], grads[b, t], V, targets[b], U_b, blank, fused_log_softmax, log_norm[b, t],
-                              lb[t], le[t], p_blank, emit, clamp, grad_scale[b], log_norm, no_entries, no_log_probs,
+                              lb, le, p_blank, emit, clamp, grad_scale[b], log_norm, no_entries, no_log_probs,
                               no_posteriors)
 
 
