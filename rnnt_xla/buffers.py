@@ -1,4 +1,6 @@
-"""A gradient buffer the CPU backward pass hands out again once nothing refers to it any more.
+"""Memory reuse on the CPU: a gradient buffer the backward pass hands out again once nothing refers to it any
+more (:class:`ReusableBuffer`), and an opt-in switch that makes glibc keep freed memory for the whole process
+(:func:`keep_freed_memory`).
 
 A fresh ``B*T*(U+1)*V`` gradient costs the kernel's first-touch page faults: Linux maps and zeroes every
 page when the gradient pass first writes it, a third of that pass at (8, 200, 51, 256) and half of it at
@@ -17,12 +19,13 @@ gives it back to the system.
 
 from __future__ import annotations
 
+import ctypes
 import sys
 import threading
 
 import numpy as np
 
-__all__ = ["ReusableBuffer"]
+__all__ = ["ReusableBuffer", "keep_freed_memory"]
 
 
 class ReusableBuffer:
@@ -53,3 +56,35 @@ class ReusableBuffer:
         """Size of the kept buffer in bytes (0 when none is kept)."""
         buffer = self._buffer
         return 0 if buffer is None else buffer.nbytes
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_LARGEST_THRESHOLD = 2**31 - 1
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's ``malloc`` keep freed memory for reuse, for the rest of the process; opt-in.
+
+    By default glibc serves every allocation above its mmap threshold (at most 32 MB) with new pages from
+    the kernel and hands them back on ``free``, so each such buffer pays first-touch page faults again. That
+    hits JAX on the CPU hardest: XLA allocates its output buffers anew on every call, so each step's
+    gradient (and the loss's residuals) is new memory; the torch adapter reuses its gradient buffer
+    (:class:`ReusableBuffer`) but the joint network's tensors do not. This sets glibc's mmap and trim
+    thresholds to their largest values, as ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` do at
+    start-up: large buffers then come from the heap, and freed ones stay there for the next step (what
+    jemalloc and tcmalloc do by default). The price: the process's resident memory stays at its high-water
+    mark instead of shrinking after a peak.
+
+    Returns True when glibc took the settings, False where there is no glibc ``mallopt`` (macOS, musl's
+    returns 0) and nothing changed.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, _LARGEST_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD,
+                                                                              _LARGEST_THRESHOLD))
