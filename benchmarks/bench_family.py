@@ -331,6 +331,7 @@ def markdown(report: dict) -> str:
              f"the timings: {noise['loadavg_before']:.2f} / {noise['loadavg_after']:.2f}; CPU used by other "
              f"processes during the timings: "
              + ("?" if noise["other_cores"] is None else f"{noise['other_cores']:.2f} cores") + "."
+             + f" Allocator: {report['settings'].get('allocator', 'glibc defaults')}."
              + (f" {report['note']}" if report.get("note") else ""), "",
              "### fwd+bwd on CPU: median time per call (ms), x = time / rnnt_xla_torch's; peak RSS growth of one "
              "fwd+bwd in a fresh process (x logits size, the gradient included)", "",
@@ -416,6 +417,16 @@ def parse_shape(text: str) -> Shape:
     return parts  # type: ignore[return-value]
 
 
+def _allocator(keep_freed_memory: bool) -> str:
+    """What the process's allocator does with freed memory (applying ``--keep-freed-memory``), for the report."""
+    if keep_freed_memory:
+        from rnnt_xla import keep_freed_memory as keep
+
+        return "rnnt_xla.keep_freed_memory()" if keep() else "glibc defaults (keep_freed_memory() had no effect)"
+    variables = [f"{k}={os.environ[k]}" for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_") if k in os.environ]
+    return " ".join(variables) if variables else "glibc defaults"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
@@ -429,10 +440,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "family_vm.json")
     parser.add_argument("--note", default=None, help="a line for the report (e.g. what the checkout holds)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="call rnnt_xla.keep_freed_memory() first (glibc keeps freed memory; every "
+                             "implementation in the process gets it)")
     parser.add_argument("--child", nargs=3, metavar=("LOSS", "IMPL", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     set_thread_environment(args.threads)
+    allocator = _allocator(args.keep_freed_memory)
     if args.child:
         loss, impl, shape = args.child
         print(json.dumps(child(loss, impl, parse_shape(shape), args.threads)))
@@ -464,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "environment": env,
         "settings": {"repeats": args.repeats, "durations": DURATIONS, "big_blank_durations": BIG_BLANKS,
-                     "reduction": "mean", "order": "back-to-back per implementation"},
+                     "reduction": "mean", "order": "back-to-back per implementation", "allocator": allocator},
         "noise": noise,
         "note": args.note,
         "implementations": {r.impl + f" ({r.loss})": r.description for r in results if r.description},
