@@ -73,18 +73,18 @@ def _faults(mode: str, what: str) -> int:
 
 @pytest.mark.skipif(not _GLIBC, reason="glibc's mallopt only")
 def test_a_freed_large_block_is_reused_without_page_faults() -> None:
-    # 64 MB of 4 KB pages is 16384 faults (32 with transparent huge pages everywhere)
-    assert _faults("default", "malloc") >= 32
+    # 64 MB of 4 KB pages is 16384 faults (about 32 where transparent huge pages are always on)
+    assert _faults("default", "malloc") >= 16
     assert _faults("keep", "malloc") == 0
 
 
 @pytest.mark.skipif(not _GLIBC, reason="glibc's mallopt only")
 def test_a_jitted_jax_step_stops_faulting_its_outputs_in() -> None:
     pytest.importorskip("jax")
-    # by default each step's gradient and residuals are new pages (hundreds of faults per step, huge pages
-    # included); kept memory is reused
-    assert _faults("default", "jax") >= 100
-    assert _faults("keep", "jax") <= 20
+    # by default each step's gradient and residuals are new pages (hundreds of faults per step here; at
+    # least 25 for the gradient alone with 2 MB pages); kept memory is reused (0 faults here)
+    assert _faults("default", "jax") >= 10
+    assert _faults("keep", "jax") <= 5
 
 
 def test_it_is_exported_and_says_whether_it_took_effect() -> None:
