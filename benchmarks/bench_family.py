@@ -423,7 +423,8 @@ def _allocator(keep_freed_memory: bool) -> str:
         from rnnt_xla import keep_freed_memory as keep
 
         return "rnnt_xla.keep_freed_memory()" if keep() else "glibc defaults (keep_freed_memory() had no effect)"
-    variables = [f"{k}={os.environ[k]}" for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_") if k in os.environ]
+    names = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+    variables = [f"{k}={os.environ[k]}" for k in names if k in os.environ]
     return " ".join(variables) if variables else "glibc defaults"
 
 

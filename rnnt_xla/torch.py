@@ -36,10 +36,10 @@ generates.
 The operators hand the tensors' memory to the Numba kernels as numpy views (no copy for C-contiguous CPU
 tensors) and reduce with the shared ``rnnt_xla.reductions``; no ``B*T*(U+1)*V`` buffer lives between the
 two passes, and none is allocated when no gradient is requested. The CPU gradient is written into the
-memory of the previous call's once nothing refers to that any more (:func:`empty_cache` frees it). CUDA tensors go to the CUDA kernels
-(``rnnt_xla.kernels.cuda`` and the family's CUDA modules) on the same memory, launched on the current stream; only the
-lengths and labels (for validation), the ``B`` costs and the incoming gradient (for the shared
-reductions) go to the host.
+memory of the previous call's once nothing refers to that any more (:func:`empty_cache` frees it). CUDA
+tensors go to the CUDA kernels (``rnnt_xla.kernels.cuda`` and the family's CUDA modules) on the same memory,
+launched on the current stream; only the lengths and labels (for validation), the ``B`` costs and the
+incoming gradient (for the shared reductions) go to the host.
 """
 
 from __future__ import annotations

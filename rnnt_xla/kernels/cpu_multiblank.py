@@ -199,7 +199,8 @@ def gradients(logits, targets, logit_lengths, target_lengths, blank, durations, 
             p_blank[u] = math.exp(alpha + log_blank[b, t, u] + _beta_at(beta, t + 1, u, T_b, U_b))
             for i in range(K):
                 s = t + durations[i]
-                p_big[i, u] = math.exp(alpha + log_big[b, t, u, i] + _beta_at(beta, s, u, T_b, U_b)) if s <= T_b else 0.0
+                p_big[i, u] = (math.exp(alpha + log_big[b, t, u, i] + _beta_at(beta, s, u, T_b, U_b)) if s <= T_b
+                               else 0.0)
             emit[u] = emit_weight * math.exp(alpha + log_emit[b, t, u] + beta[t, u + 1]) if u < U_b else 0.0
         _write_frame_gradient(logits[b, t], grads[b, t], V, targets[b], U_b, blank, True, log_norm[b, t],
                               log_blank[b, t], log_emit[b, t], p_blank, emit, clamp, grad_scale[b], log_norm, entries,
